@@ -1,0 +1,142 @@
+"""Getting torch.fx graphs out of a model.
+
+Dynamo (torch.compile with a backend of ours) is the path that works on Hugging Face models:
+`torch.fx.symbolic_trace` trips over their decorated forwards and kwargs mutation. Dynamo hands the
+backend one GraphModule per graph (more than one when the model has graph breaks) with parameters
+as placeholders; we map each placeholder back to the parameter's qualified name by identity of the
+example input, which is stable across Dynamo versions, unlike its mangled placeholder names.
+
+This module knows nothing about sparsity.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+@dataclass
+class CapturedGraph:
+    """One Dynamo graph and what it was called with."""
+
+    graph_module: fx.GraphModule
+    example_inputs: list[Any]
+    # placeholder node name -> qualified parameter/buffer name in the user's model
+    param_names: dict[str, str] = field(default_factory=dict)
+
+    def placeholder_name(self, node: fx.Node) -> str | None:
+        return self.param_names.get(node.name)
+
+
+@dataclass
+class CaptureResult:
+    graphs: list[CapturedGraph]
+    graph_breaks: list[str]  # one reason per break, as Dynamo words it
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs)
+
+
+def tensor_names(model: nn.Module) -> dict[int, str]:
+    """id(tensor) -> qualified name, for every parameter and buffer of `model`."""
+    names: dict[int, str] = {}
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(buf), name)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    return names
+
+
+def map_placeholders(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], names_by_id: Mapping[int, str]
+) -> dict[str, str]:
+    """Placeholder node name -> qualified parameter name, for placeholders that are parameters."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mapping: dict[str, str] = {}
+    for node, value in zip(placeholders, example_inputs):
+        qualified = names_by_id.get(id(value))
+        if qualified is not None:
+            mapping[node.name] = qualified
+    return mapping
+
+
+def owning_module(node: fx.Node) -> str | None:
+    """Qualified name of the nn.Module an op node was traced in, from Dynamo's nn_module_stack.
+
+    Dynamo writes paths like ``L['self'].model.layers.0.self_attn`` (or
+    ``L['self'].model.layers[0]`` on some versions); we return ``model.layers.0.self_attn``.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return normalize_module_path(path)
+
+
+_SELF_PREFIX = re.compile(r"^L\['self'\]\.?|^L\[\"self\"\]\.?|^self\.?")
+
+
+def normalize_module_path(path: str) -> str:
+    path = _SELF_PREFIX.sub("", path)
+    # L['self'].h[0] / ._modules['0'] / getattr(...) spellings -> dotted path
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    return path.strip(".")
+
+
+def graph_break_reasons() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
+
+
+def capture(
+    model: nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic: bool | None = False,
+) -> CaptureResult:
+    """Run `model(*args, **kwargs)` once under Dynamo and return the graphs it produced.
+
+    The model is not modified. Graph breaks are returned with Dynamo's reasons, never hidden.
+    """
+    kwargs = dict(kwargs or {})
+    names_by_id = tensor_names(model)
+    graphs: list[CapturedGraph] = []
+
+    def collect(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        graphs.append(
+            CapturedGraph(gm, list(example_inputs), map_placeholders(gm, example_inputs, names_by_id))
+        )
+        return gm.forward
+
+    before = graph_break_reasons()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=collect, dynamic=dynamic)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    after = graph_break_reasons()
+    breaks = []
+    for reason, count in after.items():
+        breaks.extend([reason] * (count - before.get(reason, 0)))
+    torch._dynamo.reset()
+    return CaptureResult(graphs, breaks)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """torch.fx.symbolic_trace, for plain modules only (HF models need `capture`)."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds; the message is what matters
+        raise TypeError(
+            f"torch.fx.symbolic_trace cannot trace {type(model).__name__} ({exc}); "
+            "use spion_fx.capture.capture(model, args) instead, which goes through Dynamo"
+        ) from exc
