@@ -61,10 +61,29 @@ def map_placeholders(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     mapping: dict[str, str] = {}
     for node, value in zip(placeholders, example_inputs):
-        qualified = names_by_id.get(id(value))
+        qualified = names_by_id.get(id(value)) or source_parameter_name(node)
         if qualified is not None:
             mapping[node.name] = qualified
     return mapping
+
+
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
+
+
+def source_parameter_name(node: fx.Node) -> str | None:
+    """Qualified parameter/buffer name from Dynamo's source for a placeholder, if it is one.
+
+    Used when the model object is unknown (a bare `torch.compile(backend="spion")`): Dynamo's
+    source reads ``L['self']._modules['h']._modules['0']._parameters['weight']``.
+    """
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    text = source.name if isinstance(source.name, str) else source.name()
+    if not text.startswith(("L['self']", 'L["self"]')) or not re.search(r"_(parameters|buffers)\[", text):
+        return None
+    return _SOURCE_PART.sub(r".\1", text[len("L['self']"):]).strip(".")
 
 
 def owning_module(node: fx.Node) -> str | None:
@@ -80,7 +99,7 @@ def owning_module(node: fx.Node) -> str | None:
     return normalize_module_path(path)
 
 
-_SELF_PREFIX = re.compile(r"^L\['self'\]\.?|^L\[\"self\"\]\.?|^self\.?")
+_SELF_PREFIX = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?|^self\.?")
 
 
 def normalize_module_path(path: str) -> str:

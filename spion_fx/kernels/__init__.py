@@ -1,0 +1,18 @@
+"""Kernels: block layout, the ``spion::block_sparse_attention`` op and its float64 reference."""
+
+from .block_sparse_op import (
+    block_sparse_attention,
+    block_sparse_attention_bwd,
+    block_sparse_attention_fwd,
+)
+from .layout import BlockLayout
+from .reference import dense_block_mask, reference_attention
+
+__all__ = [
+    "BlockLayout",
+    "block_sparse_attention",
+    "block_sparse_attention_bwd",
+    "block_sparse_attention_fwd",
+    "dense_block_mask",
+    "reference_attention",
+]

@@ -1,0 +1,139 @@
+"""CPU benchmark: spion block-sparse attention vs dense SDPA (and compiled FlexAttention).
+
+Standalone: ``python benchmarks/attention_cpu.py [--quick]`` prints a table of ratios measured in
+one run (medians; the machine is noisy, so compare ratios, not times). ``run(quick)`` returns the
+rows for ``benchmarks/run_cpu.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spion_fx.kernels import BlockLayout, block_sparse_attention  # noqa: E402
+
+
+def spion_like_layout(n_blocks: int, block: int, density: float, seed: int = 0) -> BlockLayout:
+    """Diagonal band (width 3) plus random blocks up to ``density`` of the grid, shared by heads."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    for offset in (-1, 0, 1):
+        grid |= torch.diag(torch.ones(n_blocks - abs(offset), dtype=torch.bool), offset)
+    extra = int(density * n_blocks * n_blocks) - int(grid.sum())
+    free = (~grid).flatten().nonzero().squeeze(1)
+    if extra > 0:
+        pick = free[torch.randperm(free.numel(), generator=gen)[:extra]]
+        grid.view(-1)[pick] = True
+    return BlockLayout.from_dense(grid, block)
+
+
+def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _inputs(b: int, h: int, length: int, d: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
+
+
+def _fwd_bwd(attn: Callable[..., torch.Tensor], q, k, v) -> Callable[[], None]:
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        out = attn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return step
+
+
+def bench_training(length: int, density: float, causal: bool, reps: int) -> dict:
+    b, h, d, block = 1, 8, 64, 64
+    layout = spion_like_layout(length // block, block, density)
+    q, k, v = _inputs(b, h, length, d)
+    dense = _median_time(
+        _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v), reps
+    )
+    sparse = _median_time(
+        _fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v), reps
+    )
+    return {
+        "case": f"fwd+bwd L={length} {'causal' if causal else 'non-causal'}",
+        "density": round(layout.density, 4),
+        "baseline": "causal SDPA" if causal else "SDPA",
+        "baseline_ms": dense * 1e3,
+        "spion_ms": sparse * 1e3,
+        "speedup": dense / sparse,
+    }
+
+
+def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict]:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, h, d, block = 1, 8, 64, 64
+    layout = spion_like_layout(length // block, block, density)
+    q, k, v = (t.detach() for t in _inputs(b, h, length, d))
+    # FlexAttention reads the number of kv blocks from the width of kv_indices.
+    kv_indices = F.pad(layout.kv_indices, (0, layout.num_kv_blocks - layout.kv_indices.shape[-1]))
+    block_mask = BlockMask.from_kv_blocks(
+        layout.kv_num_blocks[None].expand(b, h, -1).contiguous(),
+        kv_indices[None].expand(b, h, -1, -1).contiguous(),
+        BLOCK_SIZE=block,
+    )
+    flex = torch.compile(flex_attention, fullgraph=True)
+    with torch.no_grad():
+        flex_ms = _median_time(lambda: flex(q, k, v, block_mask=block_mask), reps, warmup=2)
+        dense_ms = _median_time(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+        sparse_ms = _median_time(lambda: block_sparse_attention(q, k, v, layout), reps)
+    common = {"density": round(layout.density, 4), "spion_ms": sparse_ms * 1e3}
+    return [
+        {"case": f"no-grad fwd L={length}", "baseline": "compiled FlexAttention",
+         "baseline_ms": flex_ms * 1e3, "speedup": flex_ms / sparse_ms, **common},
+        {"case": f"no-grad fwd L={length}", "baseline": "SDPA",
+         "baseline_ms": dense_ms * 1e3, "speedup": dense_ms / sparse_ms, **common},
+    ]  # fmt: skip
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Rows of one benchmark run; quick uses shorter sequences and fewer reps."""
+    reps = 3 if quick else 7
+    length = 2048 if quick else 4096
+    rows = [
+        bench_training(length, 0.10, causal=False, reps=reps),
+        bench_training(length, 0.10, causal=True, reps=reps),
+    ]
+    rows += bench_inference_vs_flex(1024 if quick else 2048, 0.10, reps=reps)
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, B=1 H=8 D=64 block=64")
+    header = f"{'case':<28} {'density':>8} {'baseline':>24} {'base ms':>9} {'spion ms':>9} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['case']:<28} {r['density']:>8.3f} {r['baseline']:>24} {r['baseline_ms']:>9.1f} "
+            f"{r['spion_ms']:>9.1f} {r['speedup']:>7.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter sequences, fewer reps")
+    _print(run(parser.parse_args().quick))

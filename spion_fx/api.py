@@ -1,0 +1,105 @@
+"""The user-facing entry points: `sparsify`, `report`, `save_patterns`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from spion_fx.lowering.backend import SpionCompiler
+from spion_fx.policy import Policy
+from spion_fx.runtime.state import SparsityState
+
+STATE_ATTR = "spion_state"
+
+
+def sparsify(
+    model: nn.Module,
+    policy: Policy | str | dict | None = "spion-cf",
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    inner: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Sparsify `model` in place and return it.
+
+    The model is compiled through the `spion` backend (Dynamo capture → site detection →
+    rewrite → inner compiler). A `SparsityState` is attached as ``model.spion_state``, so
+    ``model.state_dict()`` carries patterns, phases, masks and schedules. Steps are counted by
+    the optimizer's step hook when `optimizer` is given (gradient accumulation stays right),
+    otherwise by training-mode forwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    if hasattr(model, STATE_ATTR):
+        raise ValueError(
+            "this model is already sparsified (it has model.spion_state); build a fresh model, or "
+            "call spion_fx.desparsify(model) first"
+        )
+    policy = Policy.coerce(policy, **overrides)
+    if inner is not None:
+        policy = Policy.coerce(policy, inner_compiler=inner)
+    device = _model_device(model)
+    state = SparsityState(policy).to(device)
+    state.train(model.training)
+    setattr(model, STATE_ATTR, state)
+    compiler = SpionCompiler(state, model=model)
+    state.compiler = compiler
+    compiled_call = torch.compile(model._call_impl, backend=compiler, dynamic=False)
+    state.count_steps = "optimizer" if optimizer is not None else "forward"
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if state.count_steps == "forward" and state.training and torch.is_grad_enabled():
+            state.on_training_forward()
+        return compiled_call(*args, **kwargs)
+
+    model._compiled_call_impl = call
+    if optimizer is not None:
+        state.attach_optimizer(optimizer)
+    return model
+
+
+def desparsify(model: nn.Module) -> nn.Module:
+    """Undo `sparsify`: drop the state and the compiled call (weights stay as trained)."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        state.detach_optimizer()
+        delattr(model, STATE_ATTR)
+    model._compiled_call_impl = None
+    return model
+
+
+def get_state(model: nn.Module) -> SparsityState:
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, SparsityState):
+        raise ValueError("model is not sparsified: call spion_fx.sparsify(model, policy) first")
+    return state
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def report(model: nn.Module, *, print_table: bool = True) -> list[dict[str, Any]]:
+    """Per-site phase, switch step, density and attention FLOPs saved; printed with rich."""
+    from spion_fx.reporting import build_report, print_report
+
+    rows = build_report(get_state(model))
+    if print_table:
+        print_report(rows)
+    return rows
+
+
+def save_patterns(model: nn.Module, path: str) -> str:
+    """Write a PNG grid of every attention site's block pattern; returns the path."""
+    from spion_fx.reporting import patterns_png
+
+    state = get_state(model)
+    sites = [(s.spec.name, s.pattern) for s in state.attention_sites() if s.pattern.numel()]
+    if not sites:
+        warnings.warn("spion_fx.save_patterns: no site has a pattern yet (still dense)", stacklevel=2)
+    return patterns_png(sites, path)

@@ -1,0 +1,121 @@
+"""`spion::attention_probe`: accumulate a layer's attention map A_s without disturbing training.
+
+A_s is the post-softmax attention averaged over batch and heads (SPION's stability signal). The
+op is opaque to the compiler and mutates two accumulator buffers in place, so it survives
+dead-code elimination and costs nothing in steps that are not probed (those run a graph variant
+without it). It materialises one (batch, head) L×L score matrix at a time, never B·H of them.
+
+It also classifies the mask it sees, because the sparse kernel only understands a causal flag and
+a key-padding vector: code 0 = no mask or padding only, 1 = causal (+ padding), 2 = anything else
+(arbitrary float biases, per-head masks, …), which keeps the site dense.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK_PADDING, MASK_CAUSAL, MASK_ARBITRARY = 0, 1, 2
+MASK_KIND_NONE, MASK_KIND_BOOL_KEEP, MASK_KIND_BOOL_FILL, MASK_KIND_ADDITIVE = 0, 1, 2, 3
+
+
+@torch.library.custom_op("spion::attention_probe", mutates_args=("accum", "stats"))
+def attention_probe(
+    accum: torch.Tensor,
+    stats: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    mask_kind: int,
+    scale: float,
+    causal: bool,
+) -> None:
+    """accum [Lq, Lk] += mean over batch and heads of softmax(q kᵀ·scale + mask, causal).
+
+    stats (float64 [3]): [batches accumulated, non-finite probes skipped, mask code (max seen)].
+    mask: [B or 1, 1 or H, Lq, Lk] of kind MASK_KIND_* (bool keep, bool fill, additive float).
+    """
+    with torch.no_grad():
+        while mask is not None and mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        visible, binary = visibility(mask, mask_kind, q.shape[0])
+        b, h, lq, _ = q.shape
+        lk, hk = k.shape[-2], k.shape[1]
+        group = h // hk
+        total = torch.zeros(lq, lk, dtype=torch.float32, device=q.device)
+        causal_mask = None
+        if causal:
+            causal_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        for bi in range(b):
+            for hi in range(h):
+                scores = (q[bi, hi].float() @ k[bi, hi // group].float().T) * scale
+                if visible is not None:
+                    vis = visible[bi, hi if visible.shape[1] > 1 else 0]
+                    if mask_kind == MASK_KIND_ADDITIVE and not binary:
+                        bias = mask[bi if mask.shape[0] > 1 else 0, hi if mask.shape[1] > 1 else 0]
+                        scores = scores + bias.float()
+                    scores = scores.masked_fill(~vis, float("-inf"))
+                if causal_mask is not None:
+                    scores = scores.masked_fill(~causal_mask, float("-inf"))
+                probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+                total += probs
+        total /= b * h
+        if not torch.isfinite(total).all():
+            stats[1] += 1
+            return
+        accum += total.to(accum.dtype)
+        stats[0] += 1
+        code = mask_structure(visible, causal) if binary else MASK_ARBITRARY
+        stats[2] = max(float(stats[2]), float(code))
+
+
+@attention_probe.register_fake
+def _(accum, stats, q, k, mask, mask_kind, scale, causal) -> None:
+    return None
+
+
+def visibility(mask: torch.Tensor | None, mask_kind: int, batch: int) -> tuple[torch.Tensor | None, bool]:
+    """(bool visibility [B, 1|H, Lq, Lk] or None, whether the mask is purely keep/drop).
+
+    An additive mask is binary when every entry is 0 or hugely negative (HF writes finfo.min);
+    anything else (ALiBi-like biases) cannot be expressed as a block pattern plus padding.
+    """
+    if mask is None or mask_kind == MASK_KIND_NONE:
+        return None, True
+    if mask_kind == MASK_KIND_BOOL_KEEP:
+        vis, binary = mask.bool(), True
+    elif mask_kind == MASK_KIND_BOOL_FILL:
+        vis, binary = ~mask.bool(), True
+    else:
+        floor = torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else -1e30
+        dropped = mask <= floor
+        vis, binary = ~dropped, bool(((mask == 0) | dropped).all())
+    while vis.dim() < 4:
+        vis = vis.unsqueeze(0)
+    return vis.expand(batch, *vis.shape[1:]), binary
+
+
+def mask_structure(visible: torch.Tensor | None, causal: bool) -> int:
+    """Classify a visibility mask as padding-only, causal(+padding) or arbitrary.
+
+    Rows of padded queries are ignored (their outputs are never used), and so is the head
+    dimension when it is 1.
+    """
+    if visible is None:
+        return MASK_CAUSAL if causal else MASK_PADDING
+    if visible.shape[1] != 1 and not bool((visible == visible[:, :1]).all()):
+        return MASK_ARBITRARY
+    vis = visible[:, 0]
+    lq, lk = vis.shape[-2:]
+    key_padding = vis[:, -1, :]  # the last query row sees every real key, causal or not
+    real_rows = key_padding if lq == lk else torch.ones(vis.shape[0], lq, dtype=torch.bool, device=vis.device)
+    padding_only = key_padding[:, None, :].expand_as(vis)
+    if causal or not _rows_equal(vis, padding_only, real_rows):
+        tril = torch.ones(lq, lk, dtype=torch.bool, device=vis.device).tril()
+        if _rows_equal(vis, padding_only & tril, real_rows):
+            return MASK_CAUSAL
+        return MASK_ARBITRARY
+    return MASK_PADDING
+
+
+def _rows_equal(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> bool:
+    return bool(((a == b) | ~rows[:, :, None]).all())

@@ -1,0 +1,915 @@
+"""Triton kernels for SPION block-sparse attention (forward, backward, dropout mask).
+
+Modelled on the Triton tutorials' fused attention (FlashAttention-2): one program per
+(query tile, head, batch) walks only the kv blocks its pattern row lists
+(``kv_num_blocks``/``kv_indices``); the backward pass walks the transposed layout
+(``q_num_blocks``/``q_indices``) for dK/dV, so every output tile has exactly one writer and the
+result is deterministic (no atomics).
+
+Conventions (shared with the CPU kernels and the float64 reference):
+
+* q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (any strides), ``H % Hkv == 0`` (GQA: query head
+  h reads kv head ``h // (H // Hkv)``; K/V are never repeated).
+* Layout tensors have a leading head dim H' in {1, H}; H' = 1 is passed with head stride 0, so a
+  shared pattern costs nothing per head.
+* ``lse`` is float32 ``[B, H, Lq]``: natural-log log-sum-exp of the scaled, masked scores. A row
+  that sees no key gets out = 0 and lse = -inf.
+* causal: key j is visible to query i iff j <= i (top-left aligned).
+* key_padding_mask: bool ``[B, Lk]``, True = real token.
+* dropout: keep element (b, h, i, j) iff ``tl.rand(seed, ((b*H + h)*Lq + i)*Lk + j) >= p``;
+  kept probabilities are scaled by 1/(1-p). :func:`dropout_keep_mask` materialises that mask.
+* compat_spion: the original SPION kernels' quirk -- scores pruned by the *block pattern* count as
+  logit 0 in the softmax denominator instead of -inf (they still add nothing to the output).
+  Keys removed by causality or key padding stay -inf.
+
+Internally the softmax runs in the log2 domain (``exp2``, scores pre-multiplied by log2(e)) in
+fp32; the stored lse is converted back to natural log.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read when this module is imported, as triton.jit does: the kernels below are either compiled
+# JITFunctions or interpreter functions for the whole process.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E: float = 1.4426950408889634
+LN2: float = 0.6931471805599453
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_PATTERN_BLOCKS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
+
+# Fixed tile under the interpreter: autotuning there only multiplies an already slow run.
+# 16 is the smallest tile tl.dot accepts and divides every supported pattern block.
+_INTERPRET_TILE = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Small device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The Triton interpreter computes bf16 x bf16 dots incorrectly (numpy has no bf16); the
+    # launcher sets UPCAST only there, so the GPU path always runs native tensor-core dots.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_base, offs_row, offs_col, Lk, dropout_p):
+    # Philox counter = flat element index of (b, h, i, j) in a [B, H, Lq, Lk] tensor, int64 so
+    # that long sequences (B*H*L^2 > 2^32) never reuse a counter.
+    offs = rng_base + offs_row.to(tl.int64) * Lk + offs_col.to(tl.int64)
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _count_below(idx_row, n, limit, MAXN: tl.constexpr):
+    # Entries of a layout row are ascending, so "how many are < limit" is the length of the
+    # prefix that satisfies it: one vector load + reduction instead of a scalar loop.
+    offs = tl.arange(0, MAXN)
+    idx = tl.load(idx_row + offs, mask=offs < n, other=2147483647)
+    return tl.sum((idx < limit).to(tl.int32), axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, n_vis,
+    q, K_head, V_head, KPM_row, idx_row,
+    seed, rng_base, dropout_p, qk_scale,
+    lo, hi, Lk,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COMPAT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Pattern blocks may be larger than the kv tile: iterate a flat (list position, sub-tile)
+    # index so the loop body stays a single pipelinable block.
+    SUB: tl.constexpr = PATTERN_BLOCK // BLOCK_N
+    d_ok = offs_d < HEAD_DIM
+    for it in range(lo * SUB, hi * SUB):
+        kb = tl.load(idx_row + it // SUB)
+        start_n = kb * PATTERN_BLOCK + (it % SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT = tl.load(
+            K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        qk = _mm(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
+        qk = qk * qk_scale
+        if MASKED or HAS_KPM:
+            visible = n_ok[None, :] & (offs_m[:, None] >= 0)
+            if MASKED and IS_CAUSAL:
+                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_KPM:
+                real = tl.load(KPM_row + offs_n, mask=n_ok, other=0) != 0
+                visible = visible & real[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+            if COMPAT:
+                n_vis += tl.sum(visible.to(tl.float32), axis=1)
+            m_ij = tl.maximum(m_i, tl.max(qk, axis=1))
+            # A fully masked row keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            if COMPAT:
+                n_vis += BLOCK_N
+            m_ij = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_sub = m_ij
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        # The denominator uses the undropped probabilities: dropout acts after the softmax.
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None]
+        v = tl.load(
+            V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        acc = _mm(p.to(v.dtype), v, acc, UPCAST, PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i, n_vis
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse,
+    KV_NUM, KV_IDX, KPM, SEED, N_ALLOWED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    stride_numh, stride_numm, stride_idxh, stride_idxm,
+    stride_kpmb,
+    H, H_KV, Lq, Lk,
+    qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
+    MAXK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPAT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hkv = off_h // (H // H_KV)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // PATTERN_BLOCK
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+
+    b64 = off_b.to(tl.int64)
+    Q_head = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+    K_head = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    V_head = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    KPM_row = KPM + b64 * stride_kpmb
+
+    # Layout row of this query tile; head stride 0 when the pattern is shared by all heads.
+    n_blocks = tl.load(KV_NUM + off_h * stride_numh + qb * stride_numm)
+    idx_row = KV_IDX + off_h * stride_idxh + qb * stride_idxm
+    n_kv_pattern = tl.cdiv(Lk, PATTERN_BLOCK)
+    # Blocks strictly left of the diagonal block and fully inside Lk need no score mask; with
+    # ascending indices they are a prefix [0, n_full) of the row, the straddling ones follow.
+    full_limit = Lk // PATTERN_BLOCK
+    end_limit = n_kv_pattern
+    if IS_CAUSAL:
+        full_limit = tl.minimum(full_limit, qb)
+        end_limit = tl.minimum(end_limit, qb + 1)
+    n_full = _count_below(idx_row, n_blocks, full_limit, MAXK)
+    n_end = _count_below(idx_row, n_blocks, end_limit, MAXK)
+
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    rng_base = ((b64 * H + off_h) * Lq) * Lk
+
+    q = tl.load(
+        Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    n_vis = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    acc, l_i, m_i, n_vis = _fwd_inner(
+        acc, l_i, m_i, n_vis, q, K_head, V_head, KPM_row, idx_row,
+        seed, rng_base, dropout_p, qk_scale, 0, n_full, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+        False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, COMPAT,
+        HEAD_DIM, PATTERN_BLOCK, BLOCK_N, UPCAST, PRECISION,
+    )
+    acc, l_i, m_i, n_vis = _fwd_inner(
+        acc, l_i, m_i, n_vis, q, K_head, V_head, KPM_row, idx_row,
+        seed, rng_base, dropout_p, qk_scale, n_full, n_end, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+        True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, COMPAT,
+        HEAD_DIM, PATTERN_BLOCK, BLOCK_N, UPCAST, PRECISION,
+    )
+
+    if COMPAT:
+        # Pruned-but-allowed keys contribute exp(0 - m) each to the denominator; fold them in
+        # with a final rescale so the running max also covers the logit 0.
+        n_allowed = tl.load(N_ALLOWED + b64 * Lq + offs_m, mask=m_ok, other=0).to(tl.float32)
+        extra = tl.maximum(n_allowed - n_vis, 0.0)
+        m_new = tl.where(extra > 0, tl.maximum(m_i, 0.0), m_i)
+        m_new_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new_sub)
+        l_i = l_i * alpha + extra * tl.math.exp2(-m_new_sub)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(has_key, (m_fin + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
+    out = acc * inv_l[:, None]
+
+    tl.store(Lse + b64 * stride_lb + off_h * stride_lh + offs_m, lse, mask=m_ok)
+    O_head = Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(
+        O_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (also with dropout, since O is the dropped
+    # output): the per-row term of the softmax Jacobian, computed once instead of per kv tile.
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh
+                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + (off_b * H + off_h) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v,
+    Q_head, DO_head, LSE_row, DELTA_row, idx_row,
+    seed, rng_base, dropout_p, qk_scale,
+    lo, hi, Lq, Lk,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n, offs_d,
+    MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Works on transposed tiles (kv rows x q columns) so dK and dV accumulate with plain dots.
+    SUB: tl.constexpr = PATTERN_BLOCK // BLOCK_M
+    d_ok = offs_d < HEAD_DIM
+    for it in range(lo * SUB, hi * SUB):
+        qb = tl.load(idx_row + it // SUB)
+        start_m = qb * PATTERN_BLOCK + (it % SUB) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        qT = tl.load(
+            Q_head + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            mask=m_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        # Rows past Lq and rows that saw no key carry lse = +inf, which makes their P exactly 0:
+        # no score mask is needed for the Lq edge.
+        lse2 = tl.load(LSE_row + offs_m, mask=m_ok, other=float("inf"))
+        qkT = _mm(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST, PRECISION)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        do = tl.load(
+            DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
+            scale_keep = 1.0 / (1.0 - dropout_p)
+            pT_drop = tl.where(keep, pT * scale_keep, 0.0)
+        else:
+            pT_drop = pT
+        dv = _mm(pT_drop.to(do.dtype), do, dv, UPCAST, PRECISION)
+        dpT = _mm(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32),
+                  UPCAST, PRECISION)
+        if HAS_DROPOUT:
+            dpT = tl.where(keep, dpT * scale_keep, 0.0)
+        delta = tl.load(DELTA_row + offs_m, mask=m_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mm(dsT.to(qT.dtype), tl.trans(qT), dk, UPCAST, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE2, Delta,
+    Q_NUM, Q_IDX, KPM, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_numh, stride_numn, stride_idxh, stride_idxn,
+    stride_kpmb,
+    H, H_KV, Lq, Lk,
+    sm_scale, qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
+    MAXQ: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_hkv = tl.program_id(1)
+    off_b = tl.program_id(2)
+    group = H // H_KV
+    start_n = pid_n * BLOCK_N
+    kb = start_n // PATTERN_BLOCK
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Lk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+
+    b64 = off_b.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+
+    # GQA: this kv head's gradient is the sum over its query heads, accumulated in registers in a
+    # fixed order -- deterministic, and K/V are loaded once for the whole group.
+    for g in range(0, group):
+        off_h = off_hkv * group + g
+        h64 = off_h.to(tl.int64)
+        n_blocks = tl.load(Q_NUM + off_h * stride_numh + kb * stride_numn)
+        idx_row = Q_IDX + off_h * stride_idxh + kb * stride_idxn
+        if IS_CAUSAL:
+            # q blocks above the diagonal see nothing of this kv block (skip), the diagonal block
+            # needs the causal mask, blocks below it none.
+            lo = _count_below(idx_row, n_blocks, kb, MAXQ)
+            mid = _count_below(idx_row, n_blocks, kb + 1, MAXQ)
+        else:
+            lo = 0
+            mid = 0
+        Q_head = Q + b64 * stride_qb + h64 * stride_qh
+        DO_head = DO + b64 * stride_dob + h64 * stride_doh
+        row_off = (b64 * H + off_h) * Lq
+        rng_base = row_off * Lk
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q_head, DO_head, LSE2 + row_off, Delta + row_off, idx_row,
+            seed, rng_base, dropout_p, qk_scale, lo, mid, Lq, Lk,
+            stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+            True, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_M, UPCAST, PRECISION,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q_head, DO_head, LSE2 + row_off, Delta + row_off, idx_row,
+            seed, rng_base, dropout_p, qk_scale, mid, n_blocks, Lq, Lk,
+            stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+            False, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_M, UPCAST, PRECISION,
+        )
+
+    dk = dk * sm_scale
+    if HAS_KPM:
+        # Padded keys got P computed without their mask; each key's gradient depends only on its
+        # own column, so zeroing those rows here is exact and keeps the inner loop mask-free.
+        real = tl.load(KPM + b64 * stride_kpmb + offs_n, mask=n_ok, other=0) != 0
+        dk = tl.where(real[:, None], dk, 0.0)
+        dv = tl.where(real[:, None], dv, 0.0)
+    tl.store(DK + b64 * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + off_hkv.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    K_head, V_head, KPM_row, idx_row,
+    seed, rng_base, dropout_p, qk_scale,
+    lo, hi, Lk,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    SUB: tl.constexpr = PATTERN_BLOCK // BLOCK_N
+    d_ok = offs_d < HEAD_DIM
+    for it in range(lo * SUB, hi * SUB):
+        kb = tl.load(idx_row + it // SUB)
+        start_n = kb * PATTERN_BLOCK + (it % SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT = tl.load(
+            K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        vT = tl.load(
+            V_head + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        qk = _mm(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED or HAS_KPM:
+            visible = n_ok[None, :] & (offs_m[:, None] >= 0)
+            if MASKED and IS_CAUSAL:
+                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_KPM:
+                real = tl.load(KPM_row + offs_n, mask=n_ok, other=0) != 0
+                visible = visible & real[None, :]
+            p = tl.where(visible, p, 0.0)
+        dp = _mm(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _mm(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST, PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE2, Delta,
+    KV_NUM, KV_IDX, KPM, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_numh, stride_numm, stride_idxh, stride_idxm,
+    stride_kpmb,
+    H, H_KV, Lq, Lk,
+    sm_scale, qk_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
+    MAXK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hkv = off_h // (H // H_KV)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // PATTERN_BLOCK
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    mask_md = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    K_head = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    V_head = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    KPM_row = KPM + b64 * stride_kpmb
+
+    n_blocks = tl.load(KV_NUM + off_h * stride_numh + qb * stride_numm)
+    idx_row = KV_IDX + off_h * stride_idxh + qb * stride_idxm
+    full_limit = Lk // PATTERN_BLOCK
+    end_limit = tl.cdiv(Lk, PATTERN_BLOCK)
+    if IS_CAUSAL:
+        full_limit = tl.minimum(full_limit, qb)
+        end_limit = tl.minimum(end_limit, qb + 1)
+    n_full = _count_below(idx_row, n_blocks, full_limit, MAXK)
+    n_end = _count_below(idx_row, n_blocks, end_limit, MAXK)
+
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    row_off = (b64 * H + off_h) * Lq
+    rng_base = row_off * Lk
+
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask_md, other=0.0)
+    lse2 = tl.load(LSE2 + row_off + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + row_off + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K_head, V_head, KPM_row, idx_row,
+        seed, rng_base, dropout_p, qk_scale, 0, n_full, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+        False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_N,
+        UPCAST, PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K_head, V_head, KPM_row, idx_row,
+        seed, rng_base, dropout_p, qk_scale, n_full, n_end, Lk,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+        True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_N,
+        UPCAST, PRECISION,
+    )
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Mask, SEED, Lq, Lk, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Same counter formula as the attention kernels, for tests and reference computations.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = tl.load(SEED)
+    rng_base = bh * Lq * Lk
+    keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+    ptrs = Mask + rng_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning (GPU only)
+# --------------------------------------------------------------------------------------------
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Keep configs whose tiles divide the pattern block (a tile never spans two blocks)."""
+    pattern = named_args.get("PATTERN_BLOCK", kwargs.get("PATTERN_BLOCK"))
+    head_dim = named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
+    kept = []
+    for cfg in configs:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if pattern % bm or pattern % bn:
+            continue
+        # 128x128 fp32 accumulators plus D=256 operands spill; keep big tiles for D <= 128.
+        if head_dim > 128 and bm * bn > 64 * 64:
+            continue
+        kept.append(cfg)
+    if not kept:  # pattern block 16: only the 16x16 tile fits
+        kept = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)]
+    return kept
+
+
+def _configs(pairs: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in pairs
+        for w in warps
+        for s in stages
+    ]
+
+
+# Forward: big query tiles amortise the Q load; the kv tile trades register pressure (D=128) for
+# fewer loop trips. Backward dK/dV keeps the kv tile resident and streams small q tiles, dQ the
+# reverse -- the same split as the Triton tutorial (BLOCK_M1=32/BLOCK_N1=128, BLOCK_M2=128/32).
+_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)], (4, 8), (2, 3, 4))
+_DKDV_CONFIGS = _configs([(32, 128), (64, 128), (32, 64), (16, 64), (16, 32)], (4, 8), (2, 3))
+_DQ_CONFIGS = _configs([(128, 32), (128, 64), (64, 32), (64, 64), (32, 16)], (4, 8), (2, 3))
+_TUNE_KEY = ["HEAD_DIM", "PATTERN_BLOCK", "IS_CAUSAL", "HAS_KPM", "HAS_DROPOUT", "H_KV"]
+
+if INTERPRET:
+    _fwd_launch = _fwd_kernel
+    _dkdv_launch = _bwd_dkdv_kernel
+    _dq_launch = _bwd_dq_kernel
+else:  # pragma: no cover - needs a GPU
+    _prune = {"early_config_prune": _prune_tiles}
+    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune)(_fwd_kernel)
+    _dkdv_launch = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune)(
+        _bwd_dkdv_kernel
+    )
+    _dq_launch = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune)(_bwd_dq_kernel)
+
+
+def _tile_kwargs(pattern_block: int) -> dict:
+    if INTERPRET:
+        return {"BLOCK_M": _INTERPRET_TILE, "BLOCK_N": _INTERPRET_TILE, "num_warps": 4}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
+    block_size: int, key_padding_mask: torch.Tensor | None,
+    dropout_p: float, seed: torch.Tensor,
+) -> None:
+    # Shape/dtype checks only: nothing here may synchronise with the device.
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D [batch, heads, seq_len, head_dim]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q.dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on the same device")
+    b, h, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k and v must be [batch={b}, kv_heads, kv_len, head_dim={d}], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if h % k.shape[1] != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({k.shape[1]})")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {d}")
+    if block_size not in SUPPORTED_PATTERN_BLOCKS:
+        raise ValueError(f"block_size must be one of {SUPPORTED_PATTERN_BLOCKS}, got {block_size}")
+    nqb = triton.cdiv(q.shape[2], block_size)
+    nkb = triton.cdiv(k.shape[2], block_size)
+    for name, t, rows in (("kv_num_blocks", kv_num_blocks, nqb), ("q_num_blocks", q_num_blocks, nkb)):
+        if t.dim() != 2 or t.shape[0] not in (1, h) or t.shape[1] != rows:
+            raise ValueError(f"{name} must be [1 or {h}, {rows}] for this sequence length and "
+                             f"block_size={block_size}, got {tuple(t.shape)}")
+    for name, t, cnt in (("kv_indices", kv_indices, kv_num_blocks),
+                         ("q_indices", q_indices, q_num_blocks)):
+        if t.dim() != 3 or t.shape[:2] != cnt.shape:
+            raise ValueError(f"{name} must be [{cnt.shape[0]}, {cnt.shape[1]}, max_blocks], got "
+                             f"{tuple(t.shape)}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if kv_num_blocks.dtype != torch.int32 or q_num_blocks.dtype != torch.int32:
+        raise TypeError("kv_num_blocks and q_num_blocks must be int32")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, k.shape[2]):
+            raise ValueError(f"key_padding_mask must be bool [{b}, {k.shape[2]}], got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and seed.numel() != 1:
+        raise ValueError("seed must be a one-element int64 tensor when dropout_p > 0")
+
+
+def _layout_strides(num: torch.Tensor, idx: torch.Tensor) -> tuple[int, int, int, int]:
+    # H' = 1 broadcasts over heads through a zero head stride.
+    shared = num.shape[0] == 1
+    return (
+        0 if shared else num.stride(0), num.stride(1),
+        0 if shared else idx.stride(0), idx.stride(1),
+    )
+
+
+def _prepare_layout(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device=device)
+    # Kernels step along the last index dim with stride 1.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kpm_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if key_padding_mask is None:
+        return q, 0  # never read (HAS_KPM is False); any valid pointer will do
+    kpm = key_padding_mask.to(q.device)
+    if kpm.stride(-1) != 1:
+        kpm = kpm.contiguous()
+    # bool and uint8 share a layout; the kernel compares the byte to 0.
+    return kpm.view(torch.uint8), kpm.stride(0)
+
+
+def _seed_arg(seed: torch.Tensor, dropout_p: float, q: torch.Tensor) -> torch.Tensor:
+    if dropout_p == 0.0:
+        return q
+    return seed.reshape(1).to(device=q.device, dtype=torch.int64)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _n_allowed(
+    key_padding_mask: torch.Tensor | None, b: int, lq: int, lk: int, causal: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Keys each query may see before the block pattern (compat_spion denominators), [B, Lq]."""
+    if key_padding_mask is None:
+        real = torch.ones(b, lk, dtype=torch.int32, device=device)
+    else:
+        real = key_padding_mask.to(device=device, dtype=torch.int32)
+    if causal:
+        cum = real.cumsum(-1, dtype=torch.int32)
+        col = torch.arange(lq, device=device).clamp(max=lk - 1)
+        return cum[:, col].contiguous()
+    return real.sum(-1, dtype=torch.int32, keepdim=True).expand(b, lq).contiguous()
+
+
+def triton_block_sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    seed: torch.Tensor,
+    compat_spion: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward. Returns (out [B,H,Lq,D] in q.dtype, lse fp32 [B,H,Lq])."""
+    _check_inputs(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size,
+                  key_padding_mask, dropout_p, seed)
+    b, h, lq, d = q.shape
+    h_kv, lk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    if lq == 0:
+        return out, lse
+    kv_num = _prepare_layout(kv_num_blocks, q.device)
+    kv_idx = _prepare_layout(kv_indices, q.device)
+    kpm, stride_kpmb = _kpm_arg(key_padding_mask, q)
+    seed_t = _seed_arg(seed, dropout_p, q)
+    n_allowed = _n_allowed(key_padding_mask, b, lq, lk, causal, q.device) if compat_spion else lse
+    _fwd_launch[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
+        q, k, v, out, lse, kv_num, kv_idx, kpm, seed_t, n_allowed,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1),
+        *_layout_strides(kv_num, kv_idx),
+        stride_kpmb,
+        h, h_kv, lq, lk,
+        float(scale) * LOG2E, float(dropout_p),
+        HEAD_DIM=d, BLOCK_D=_head_block(d), PATTERN_BLOCK=block_size,
+        MAXK=triton.next_power_of_2(max(kv_idx.shape[-1], 1)),
+        IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0, COMPAT=bool(compat_spion),
+        UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
+        **_tile_kwargs(block_size),
+    )
+    return out, lse
+
+
+def triton_block_sparse_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    seed: torch.Tensor,
+    compat_spion: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-sparse attention backward from the saved lse. Returns (dq, dk, dv).
+
+    Deterministic: dQ tiles are owned by query programs, dK/dV tiles by kv programs (which also
+    sum over the GQA group); nothing is accumulated with atomics. compat_spion needs no special
+    case here: the saved lse already holds the pruned keys' exp(0) terms and those logits are
+    constants, so P = exp(s - lse) on visible entries is the whole Jacobian.
+    """
+    _check_inputs(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size,
+                  key_padding_mask, dropout_p, seed)
+    b, h, lq, d = q.shape
+    h_kv, lk = k.shape[1], k.shape[2]
+    if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (b, h, lq):
+        raise ValueError("grad_out and out must match q's shape and lse must be [B, H, Lq]")
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if lq == 0 or lk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    grad_out = grad_out.to(q.dtype)
+    kv_num = _prepare_layout(kv_num_blocks, q.device)
+    kv_idx = _prepare_layout(kv_indices, q.device)
+    q_num = _prepare_layout(q_num_blocks, q.device)
+    q_idx = _prepare_layout(q_indices, q.device)
+    kpm, stride_kpmb = _kpm_arg(key_padding_mask, q)
+    seed_t = _seed_arg(seed, dropout_p, q)
+    block_d = _head_block(d)
+
+    # lse in log2 units, with -inf (row saw no key) turned into +inf so P = exp2(s - lse2) = 0.
+    lse2 = lse.float() * LOG2E
+    lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2).contiguous()
+    delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    pre_m = 16 if INTERPRET else 128
+    _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), h, b)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m,
+    )
+
+    common = dict(
+        HEAD_DIM=d, BLOCK_D=block_d, PATTERN_BLOCK=block_size,
+        IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0, UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
+        **_tile_kwargs(block_size),
+    )
+    qk_scale = float(scale) * LOG2E
+    _dkdv_launch[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), h_kv, b)](
+        q, k, v, grad_out, dk, dv, lse2, delta, q_num, q_idx, kpm, seed_t,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *_layout_strides(q_num, q_idx), stride_kpmb,
+        h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p),
+        MAXQ=triton.next_power_of_2(max(q_idx.shape[-1], 1)), **common,
+    )
+    _dq_launch[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
+        q, k, v, grad_out, dq, lse2, delta, kv_num, kv_idx, kpm, seed_t,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *_layout_strides(kv_num, kv_idx), stride_kpmb,
+        h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p),
+        MAXK=triton.next_power_of_2(max(kv_idx.shape[-1], 1)), **common,
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(
+    seed: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int, dropout_p: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The keep mask (bool [B, H, Lq, Lk]) the kernels draw for this seed and shape.
+
+    Lets a float64 reference reproduce the kernels' dropout exactly (testing, debugging).
+    """
+    device = torch.device(device) if device is not None else seed.device
+    mask = torch.empty(batch, heads, q_len, kv_len, dtype=torch.int8, device=device)
+    if mask.numel() == 0:
+        return mask.bool()
+    seed_t = seed.reshape(1).to(device=device, dtype=torch.int64)
+    tile = 16 if INTERPRET else 64
+    grid = (triton.cdiv(q_len, tile), triton.cdiv(kv_len, tile), batch * heads)
+    _dropout_mask_kernel[grid](mask, seed_t, q_len, kv_len, float(dropout_p),
+                               BLOCK_M=tile, BLOCK_N=tile)
+    return mask.bool()
+
+
+__all__ = [
+    "INTERPRET",
+    "dropout_keep_mask",
+    "triton_block_sparse_bwd",
+    "triton_block_sparse_fwd",
+]

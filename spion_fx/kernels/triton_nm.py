@@ -1,0 +1,116 @@
+"""Triton N:M matmul: y = x·Wᵀ with W given as packed N:M (kept values + bit-packed positions).
+
+Each program decompresses a [BLOCK_O, BLOCK_G·M] tile of W in registers (N loads of values and
+positions per group instead of M dense loads) and feeds ``tl.dot``. The kernel is decorated on
+first use rather than at import, because Triton decides between compiling and interpreting
+(TRITON_INTERPRET=1, how the CPU tests run it) at decoration time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: kernels/ must import on machines without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _nm_matmul_kernel(
+    x_ptr, v_ptr, idx_ptr, y_ptr,
+    n_tok, n_out, n_in,
+    stride_xt, stride_xi, stride_vo, stride_io, stride_yt, stride_yo,
+    N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    t_ok = offs_t < n_tok
+    o_ok = offs_o < n_out
+    PER_BYTE: tl.constexpr = 8 // BITS
+    r = tl.arange(0, M)
+    G = n_in // M
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        ok = o_ok[:, None] & (offs_g < G)[None, :]
+        w3 = tl.zeros((BLOCK_O, BLOCK_G, M), dtype=tl.float32)
+        for s in tl.static_range(N):
+            k = offs_g * N + s
+            v = tl.load(v_ptr + offs_o[:, None] * stride_vo + k[None, :], mask=ok, other=0.0)
+            byte = tl.load(idx_ptr + offs_o[:, None] * stride_io + (k // PER_BYTE)[None, :], mask=ok, other=0)
+            pos = (byte.to(tl.int32) >> ((k % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+            w3 += tl.where(pos[:, :, None] == r[None, None, :], v.to(tl.float32)[:, :, None], 0.0)
+        w = tl.reshape(w3, (BLOCK_O, BLOCK_G * M))
+        offs_i = g0 * M + tl.arange(0, BLOCK_G * M)
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_i[None, :] * stride_xi,
+            mask=t_ok[:, None] & (offs_i < n_in)[None, :], other=0.0,
+        )
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_o[None, :] * stride_yo
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & o_ok[None, :])
+
+
+@functools.lru_cache(maxsize=2)
+def _kernel(interpret: bool):
+    del interpret  # part of the cache key only: decoration reads the environment
+    return triton.jit(_nm_matmul_kernel)
+
+
+def supports(n: int, m: int) -> str | None:
+    """None if the kernel handles n:m, else the reason it does not."""
+    if triton is None:
+        return "triton is not installed"
+    if m & (m - 1):
+        return f"M={m} is not a power of two (tile reshape needs it)"
+    if m > 256:
+        return f"M={m} > 256 (8-bit positions)"
+    return None
+
+
+def nm_matmul(
+    x: Tensor, values: Tensor, index_bytes: Tensor, n: int, m: int, in_features: int, bits: int,
+    *, block_t: int | None = None, block_o: int | None = None, block_i: int | None = None,
+) -> Tensor:
+    """y [T, out] = x [T, in] · Wᵀ, W packed as ``values`` [out, in·n/m] and ``index_bytes``."""
+    reason = supports(n, m)
+    if reason:
+        raise RuntimeError(f"triton N:M kernel unavailable: {reason}")
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"x must be [T, {in_features}], got {tuple(x.shape)}")
+    tokens, out = x.shape[0], values.shape[0]
+    small = interpreting() or not x.is_cuda
+    block_t = block_t or (16 if small else 128)
+    block_o = block_o or (16 if small else 128)
+    block_i = max(block_i or (32 if small else 64), m, 16)
+    y = torch.empty(tokens, out, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(tokens, block_t), triton.cdiv(out, block_o))
+    _kernel(interpreting())[grid](
+        x, values, index_bytes, y,
+        tokens, out, in_features,
+        x.stride(0), x.stride(1), values.stride(0), index_bytes.stride(0), y.stride(0), y.stride(1),
+        N=n, M=m, BITS=bits, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_G=block_i // m,
+        IEEE=x.dtype == torch.float32,
+    )
+    return y

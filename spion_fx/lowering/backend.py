@@ -1,0 +1,189 @@
+"""The `spion` torch.compile backend.
+
+Dynamo hands us one GraphModule per graph. We detect sites, rewrite the selected ones into calls
+to runtime modules owned by a `SparsityState`, and return a runner that lowers the rewritten graph
+with the inner compiler once per *variant* (the state's variant key: phases, probe steps,
+train/eval) and caches every variant it built. Switching between variants that were already
+built costs a dict lookup; the step loop never re-lowers.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from spion_fx.capture import map_placeholders, tensor_names
+from spion_fx.passes.detect import detect_sites
+from spion_fx.passes.rewrite import Rewritten, constant_value, rewrite_sites
+from spion_fx.passes.sites import AttentionSite, LinearSite
+from spion_fx.policy import Policy
+from spion_fx.runtime.attention_site import AttentionSiteModule, AttentionSpec
+from spion_fx.runtime.state import SparsityState
+
+
+@dataclass
+class GraphRecord:
+    """What the backend did with one Dynamo graph (for report() and the inspect CLI)."""
+
+    index: int
+    attention_sites: list[AttentionSite]
+    linear_sites: list[LinearSite]
+    rewritten: list[Rewritten]
+    decisions: dict[str, str] = field(default_factory=dict)  # site name -> what was done
+    graph_module: fx.GraphModule | None = None
+
+
+class SpionCompiler:
+    """A Dynamo backend bound to one SparsityState."""
+
+    def __init__(self, state: SparsityState, model: nn.Module | None = None, inner: str | None = None):
+        self.state = state
+        self.inner = inner or state.policy.inner_compiler
+        self._names_by_id = tensor_names(model) if model is not None else {}
+        self.records: list[GraphRecord] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        names = map_placeholders(gm, example_inputs, self._names_by_id)
+        attention, linear = detect_sites(gm, names)
+        record = GraphRecord(len(self.records), attention, linear, [])
+        rewritten = rewrite_sites(gm, [*attention, *linear], lambda s: self._module_for(s, record))
+        record.rewritten = rewritten
+        record.graph_module = gm
+        self.records.append(record)
+        self.state.graph_records = self.records
+        return VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+
+    def _module_for(self, site: AttentionSite | LinearSite, record: GraphRecord) -> nn.Module | None:
+        policy = self.state.policy
+        if isinstance(site, AttentionSite):
+            if not policy.attention.selects(site.name):
+                record.decisions[site.name] = "excluded by policy"
+                return None
+            spec = attention_spec(site)
+            if spec is None:
+                record.decisions[site.name] = "dense: scale is computed at run time"
+                return None
+            module = self.state.attention_site(spec)
+            ok, why = module.can_be_sparse
+            if policy.attention.method == "dense":
+                record.decisions[site.name] = "dense (policy)"
+            else:
+                record.decisions[site.name] = f"SPION-{policy.attention.variant.upper()}" if ok else f"dense: {why}"
+            return module
+        if not policy.linear.enabled or not policy.linear.selects(site.name, site.role):
+            record.decisions[site.name] = "dense (policy)" if site.role == "linear" else f"dense: {site.role}"
+            return None
+        module = self.state.linear_site(site)
+        record.decisions[site.name] = module.describe().get("pattern", policy.linear.method)
+        return module
+
+
+def attention_spec(site: AttentionSite) -> AttentionSpec | None:
+    scale = site.scale
+    if isinstance(scale, fx.Node):
+        scale = constant_value(scale)
+        if scale is None:
+            return None
+        if getattr(site, "scale_is_divisor", False):
+            scale = 1.0 / scale
+    softmax_dtype = None
+    for node in site.nodes:
+        if "softmax" in str(node.target) and isinstance(node.kwargs.get("dtype"), torch.dtype):
+            softmax_dtype = node.kwargs["dtype"]
+    return AttentionSpec(
+        name=site.name,
+        form=site.form,
+        mask_kind=site.mask_kind,
+        mask_fill_value=site.mask_fill_value,
+        is_causal=site.is_causal,
+        scale=scale,
+        dropout_p=site.dropout_p,
+        dropout_train_only=site.dropout_train_only,
+        enable_gqa=site.enable_gqa,
+        softmax_dtype=softmax_dtype,
+        cross_attention=site.cross_attention,
+        q_len=site.q_len,
+        kv_len=site.kv_len,
+        num_heads=site.num_heads,
+    )
+
+
+def inner_compiler(name: str) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
+    if name == "eager":
+        return lambda gm, example_inputs: gm.forward
+    if name == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    raise ValueError(f"inner compiler {name!r} is invalid: expected 'inductor', 'eager' or 'aot_eager'")
+
+
+class VariantRunner:
+    """Calls the rewritten graph, lowering it once per state variant."""
+
+    def __init__(self, gm, example_inputs, state: SparsityState, inner: str, rewritten: list[Rewritten]):
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.state = state
+        self.compile = inner_compiler(inner)
+        self.cache: dict[tuple, Callable[..., Any]] = {}
+        self.shapes = []
+        for item in rewritten:
+            if isinstance(item.module, AttentionSiteModule):
+                q = item.site.q.meta.get("example_value")
+                k = item.site.k.meta.get("example_value")
+                if q is not None and k is not None and q.dim() == 4:
+                    self.shapes.append((item.module, int(q.shape[-2]), int(k.shape[-2])))
+
+    def __call__(self, *args):
+        key = self.state.variant_key()
+        compiled = self.cache.get(key)
+        if compiled is None:
+            compiled = self._lower()
+            self.cache[key] = compiled
+        return compiled(*args)
+
+    def _lower(self) -> Callable[..., Any]:
+        for module, q_len, kv_len in self.shapes:
+            module.ensure_probe_shape(q_len, kv_len)
+            module.prepare_layout(q_len, kv_len)
+        # Inductor's passes may edit the graph in place: give each variant its own graph object
+        # (submodules, i.e. the runtime state, stay shared).
+        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return self.compile(gm, self.example_inputs)
+
+
+def spion_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+    """Entry point for ``torch.compile(model, backend="spion", options={"policy": ...})``.
+
+    Options: ``policy`` (Policy, preset name or dict), ``inner`` ("inductor" | "eager" |
+    "aot_eager"), ``state`` (a SparsityState to share, e.g. the one `sparsify` attached).
+    Without a state, one is created per policy object and kept in ``spion_fx.lowering.backend.STATES``.
+    """
+    options = dict(kwargs.get("options") or {})
+    unknown = set(options) - {"policy", "inner", "state"}
+    if unknown:
+        raise ValueError(f"unknown spion backend option(s) {sorted(unknown)}; known: policy, inner, state")
+    state = options.get("state")
+    if state is None:
+        policy = Policy.coerce(options.get("policy"))
+        state = STATES.setdefault(id(options.get("policy")), SparsityState(policy))
+    compiler = _COMPILERS.setdefault(id(state), SpionCompiler(state, inner=options.get("inner")))
+    return compiler(gm, example_inputs)
+
+
+STATES: dict[int, SparsityState] = {}
+_COMPILERS: dict[int, SpionCompiler] = {}

@@ -1,0 +1,101 @@
+"""Turning a SparsityState into rows, a rich table and a PNG of patterns."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from spion_fx.runtime.state import SparsityState
+
+
+def attention_flops(q_len: int, kv_len: int, heads: int, head_dim: int, density: float, causal: bool) -> float:
+    """Forward FLOPs of QKᵀ and PV for one sample (2·L²·D each), at a block density."""
+    dense = 4.0 * q_len * kv_len * heads * head_dim
+    if causal:
+        dense *= 0.5
+    return dense * density
+
+
+def build_report(state: SparsityState) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for site in state.attention_sites():
+        ok, why = site.can_be_sparse
+        density = 1.0
+        saved = 0.0
+        causal = site.spec.is_causal or site._mask_code == 1
+        if site.phase == "sparse" and site.pattern.numel():
+            grid = site.pattern
+            if causal:
+                lower = torch.ones(grid.shape[-2:], dtype=torch.bool, device=grid.device).tril()
+                density = float((grid & lower).sum()) / max(float(lower.sum()) * grid.shape[0], 1.0)
+            else:
+                density = float(grid.float().mean())
+            saved = 1.0 - density
+        rows.append({
+            "site": site.spec.name,
+            "kind": "attention",
+            "phase": site.phase,
+            "switch_step": int(site.switch_step) if int(site.switch_step) >= 0 else None,
+            "density": density,
+            "attention_flops_saved": saved,
+            "checks": int(site.stability[0]),
+            "last_change": None if math.isnan(float(site.stability[2])) else float(site.stability[2]),
+            "note": "" if ok else why,
+        })
+    if state.linear is not None:
+        for entry in state.linear.report():
+            rows.append({"kind": "linear", **entry})
+    return rows
+
+
+def print_report(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="spion_fx sites")
+    for column in ("site", "kind", "phase / pattern", "switch step", "density", "saved", "note"):
+        table.add_column(column)
+    for row in rows:
+        phase = row.get("phase") or row.get("pattern") or row.get("method", "")
+        density = row.get("density")
+        saved = row.get("attention_flops_saved")
+        table.add_row(
+            str(row.get("site", row.get("name", ""))),
+            row["kind"],
+            str(phase),
+            "" if row.get("switch_step") is None else str(row["switch_step"]),
+            "" if density is None else f"{density:.1%}",
+            "" if saved is None else f"{saved:.1%}",
+            str(row.get("note", "")),
+        )
+    Console().print(table)
+
+
+def patterns_png(sites: list[tuple[str, torch.Tensor]], path: str, cell: int = 4) -> str:
+    """A grid of block patterns (one panel per site and head), white = computed block."""
+    from PIL import Image, ImageDraw
+
+    panels = [(name, grid[h]) for name, grid in sites for h in range(grid.shape[0])]
+    if not panels:
+        Image.new("RGB", (200, 40), "white").save(path)
+        return path
+    nb = max(p.shape[-1] for _, p in panels)
+    side = nb * cell
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    label = 14
+    image = Image.new("RGB", (cols * (side + 10) + 10, rows * (side + label + 10) + 10), (40, 40, 40))
+    draw = ImageDraw.Draw(image)
+    for i, (name, grid) in enumerate(panels):
+        x0 = 10 + (i % cols) * (side + 10)
+        y0 = 10 + (i // cols) * (side + label + 10)
+        draw.text((x0, y0), name[-(side // 6 or 1):], fill=(220, 220, 220))
+        pixels = grid.to(torch.uint8).mul(255).cpu()
+        tile = Image.fromarray(pixels.numpy(), mode="L").resize(
+            (grid.shape[-1] * cell, grid.shape[-2] * cell), Image.NEAREST
+        )
+        image.paste(tile.convert("RGB"), (x0, y0 + label))
+    image.save(path)
+    return path

@@ -1,0 +1,259 @@
+"""The runtime module that replaces one attention computation in a rewritten graph.
+
+Dense phase: computes exactly what the original subgraph computed (SDPA call or eager
+matmul→softmax→matmul chain) and, in probe steps, feeds SPION's stability probe. Sparse phase:
+calls the block-sparse attention op with the layer's pattern. Python branches here depend only on
+the phase and the probing flag, which the state folds into its variant key, so the compiler
+lowers each variant once and the step loop never re-lowers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spion_fx.kernels import probe as probe_op
+from spion_fx.kernels.layout import BlockLayout
+from spion_fx.policy import AttentionPolicy
+
+PHASE_DENSE, PHASE_SPARSE = 0, 1
+_MASK_KINDS = {
+    "none": probe_op.MASK_KIND_NONE,
+    "bool_keep": probe_op.MASK_KIND_BOOL_KEEP,
+    "bool_fill": probe_op.MASK_KIND_BOOL_FILL,
+    "additive": probe_op.MASK_KIND_ADDITIVE,
+}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Facts about one attention site, as plain data (the runtime knows nothing of FX)."""
+
+    name: str
+    form: str = "sdpa"  # "sdpa" | "eager"
+    mask_kind: str = "none"
+    mask_fill_value: float | None = None
+    is_causal: bool = False
+    scale: float | None = None  # multiplicative; None: 1/sqrt(D) or a runtime `scale` argument
+    dropout_p: float = 0.0
+    dropout_train_only: bool = True
+    enable_gqa: bool = False
+    softmax_dtype: torch.dtype | None = None  # eager chains often softmax in float32
+    cross_attention: bool = False
+    q_len: int | None = None
+    kv_len: int | None = None
+    num_heads: int | None = None
+
+
+class AttentionSiteModule(nn.Module):
+    """One attention site: dense compute + probes, then block-sparse compute."""
+
+    def __init__(self, spec: AttentionSpec, policy: AttentionPolicy) -> None:
+        super().__init__()
+        self.spec = spec
+        self.policy = policy
+        self.probing = False  # set by SparsityState for probe steps; part of the variant key
+        self.register_buffer("phase_code", torch.tensor(PHASE_DENSE, dtype=torch.long))
+        self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("pattern", torch.zeros(0, 0, 0, dtype=torch.bool))
+        self.register_buffer("pattern_len", torch.zeros(2, dtype=torch.long))  # (Lq, Lk) it was made for
+        self.register_buffer("probe_accum", torch.zeros(0, 0))
+        # [batches accumulated, non-finite probes skipped, mask structure code]
+        self.register_buffer("probe_stats", torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("previous_map", torch.zeros(0, 0))
+        # [checks done, previous distance, last relative change]
+        self.register_buffer("stability", torch.tensor([0.0, math.nan, math.nan], dtype=torch.float64))
+        # Python mirrors of the buffers above that forward() branches on: buffers are fake
+        # tensors while the compiler traces, so their values must be read before lowering.
+        self._phase = PHASE_DENSE
+        self._mask_code = probe_op.MASK_PADDING
+        self._layouts: dict[tuple, BlockLayout] = {}
+        self._warned_resize = False
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return "sparse" if self._phase == PHASE_SPARSE else "dense"
+
+    def sync_from_buffers(self) -> None:
+        """Refresh the Python mirrors after buffers changed outside forward (load, probes)."""
+        self._phase = int(self.phase_code)
+        self._mask_code = int(self.probe_stats[2])
+
+    @property
+    def can_be_sparse(self) -> tuple[bool, str]:
+        """Whether this site can run block-sparse, and if not, why (for report())."""
+        if self.spec.cross_attention:
+            return False, "cross-attention (query and key sequences differ)"
+        if int(self.probe_stats[2]) == probe_op.MASK_ARBITRARY:
+            return False, "mask is not causal/padding (arbitrary bias or per-head mask)"
+        return True, ""
+
+    def variant_key(self) -> tuple:
+        return (self.phase, self.probing)
+
+    def ensure_probe_shape(self, q_len: int, kv_len: int) -> None:
+        """Size the probe accumulators for the sequence length the probes will watch."""
+        if self.probe_accum.numel() == 0:
+            self.probe_accum = torch.zeros(q_len, kv_len, device=self.phase_code.device)
+
+    def set_pattern(self, pattern: torch.Tensor, q_len: int, kv_len: int, step: int) -> None:
+        self.pattern = pattern.to(device=self.phase_code.device, dtype=torch.bool)
+        self.pattern_len = torch.tensor([q_len, kv_len], dtype=torch.long, device=self.phase_code.device)
+        self.phase_code.fill_(PHASE_SPARSE)
+        self.switch_step.fill_(step)
+        self._layouts.clear()
+        self.sync_from_buffers()
+
+    def set_dense(self) -> None:
+        self.phase_code.fill_(PHASE_DENSE)
+        self._layouts.clear()
+        self.sync_from_buffers()
+
+    def prepare_layout(self, q_len: int, kv_len: int) -> None:
+        """Build the block layout for these lengths before the compiler traces forward()."""
+        if self.phase == "sparse" and q_len == kv_len:
+            self._layout(q_len, kv_len, self.phase_code.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes.
+        for name in ("pattern", "probe_accum", "previous_map"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.phase_code.device))
+        self._layouts.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.sync_from_buffers()
+
+    # ---- compute ---------------------------------------------------------------------------
+    def forward(self, q, k, v, mask=None, scale=None):
+        scale = self.spec.scale if scale is None else scale
+        if self.probing and tuple(self.probe_accum.shape) == (q.shape[-2], k.shape[-2]):
+            self._probe(q, k, mask, scale)
+        if self.phase == "sparse" and q.dim() == 4:
+            return self._sparse(q, k, v, mask, scale)
+        if self.spec.form == "sdpa":
+            return self._dense_sdpa(q, k, v, mask, scale)
+        return self._dense_eager(q, k, v, mask, scale)
+
+    def _dropout_p(self) -> float:
+        if self.spec.dropout_train_only and not self.training:
+            return 0.0
+        return self.spec.dropout_p
+
+    def _dense_sdpa(self, q, k, v, mask, scale):
+        kwargs = {"enable_gqa": True} if self.spec.enable_gqa else {}
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self._dropout_p(),
+            is_causal=self.spec.is_causal, scale=scale, **kwargs,
+        )
+
+    def _dense_eager(self, q, k, v, mask, scale):
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if scale is not None:
+            scores = scores * scale
+        scores = _apply_mask(scores, mask, self.spec.mask_kind, self.spec.mask_fill_value)
+        if self.spec.is_causal:
+            lq, lk = scores.shape[-2:]
+            causal = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if self.spec.softmax_dtype is not None:
+            probs = torch.softmax(scores, dim=-1, dtype=self.spec.softmax_dtype).to(q.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        p = self._dropout_p()
+        if p > 0:
+            probs = F.dropout(probs, p=p, training=True)
+        return torch.matmul(probs, v)
+
+    def _probe(self, q, k, mask, scale):
+        s = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(q.shape[-1])
+        causal = self.spec.is_causal
+        torch.ops.spion.attention_probe(
+            self.probe_accum, self.probe_stats, q.detach(), k.detach(),
+            None if mask is None else mask.detach(), _MASK_KINDS[self.spec.mask_kind], s, causal,
+        )
+
+    def _sparse(self, q, k, v, mask, scale):
+        from spion_fx.kernels import block_sparse_attention
+
+        lq, lk = q.shape[-2], k.shape[-2]
+        layout = self._layout(lq, lk, q.device)
+        causal = self.spec.is_causal or self._mask_code == probe_op.MASK_CAUSAL
+        key_padding = None
+        if mask is not None and self.spec.mask_kind != "none":
+            key_padding = _key_padding(mask, self.spec.mask_kind, q.shape[0])
+        return block_sparse_attention(
+            q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding,
+            dropout_p=self._dropout_p(), compat=self.policy.compat,
+        )
+
+    _LAYOUT_FIELDS = ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")
+
+    def _layout(self, lq: int, lk: int, device: torch.device) -> BlockLayout:
+        """The block layout for these lengths, held in non-persistent buffers.
+
+        Buffers (not plain attributes) so that the compiler lifts them as graph inputs; they are
+        built outside tracing by prepare_layout() and only looked up while tracing.
+        """
+        bs = self.policy.block_size
+        nq, nk = -(-lq // bs), -(-lk // bs)
+        key = (nq, nk)
+        if key not in self._layouts:
+            pattern = self.pattern
+            if pattern.shape[-2:] != (nq, nk):
+                pattern = self._resized(pattern, nq, nk)
+            layout = BlockLayout.from_dense(pattern.to(self.phase_code.device), bs)
+            for field_name in self._LAYOUT_FIELDS:
+                self.register_buffer(f"layout_{nq}x{nk}_{field_name}", getattr(layout, field_name), persistent=False)
+            self._layouts[key] = layout
+        names = [f"layout_{nq}x{nk}_{f}" for f in self._LAYOUT_FIELDS]
+        return BlockLayout(*(getattr(self, n) for n in names), bs)
+
+    def _resized(self, pattern: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+        from spion_fx.runtime.pattern import resize_pattern
+
+        if nq > pattern.shape[-2] and not self._warned_resize:
+            self._warned_resize = True
+            warnings.warn(
+                f"spion_fx: attention site {self.spec.name!r} sees {nq} blocks per row but its "
+                f"pattern was made for {pattern.shape[-2]}; extending it with the diagonal band",
+                stacklevel=2,
+            )
+        if nq != nk:
+            raise ValueError(f"site {self.spec.name!r}: block-sparse attention needs Lq == Lk blocks")
+        return torch.stack([resize_pattern(p, nq) for p in pattern])
+
+
+def _apply_mask(scores, mask, kind: str, fill_value: float | None):
+    if mask is None or kind == "none":
+        return scores
+    if kind == "additive":
+        return scores + mask
+    if kind == "bool_fill":
+        value = float("-inf") if fill_value is None else fill_value
+        return scores.masked_fill(mask, value)
+    return scores.masked_fill(~mask, float("-inf"))  # bool_keep
+
+
+def _key_padding(mask: torch.Tensor, kind: str, batch: int) -> torch.Tensor:
+    """Key-padding vector [B, Lk] from a padding(+causal) mask: its last query row.
+
+    The last query sees every real key whether the mask is causal or not; the probe already
+    checked that the mask has this structure (otherwise the site stays dense).
+    """
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    row = mask[:, 0, -1, :]
+    if kind == "bool_keep":
+        visible = row.bool()
+    elif kind == "bool_fill":
+        visible = ~row.bool()
+    else:
+        visible = row > torch.finfo(row.dtype).min / 2
+    return visible.expand(batch, -1)

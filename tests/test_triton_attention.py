@@ -1,0 +1,307 @@
+"""Triton block-sparse attention vs a float64 dense masked reference.
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set here before triton is imported
+when CUDA is absent) and on CUDA when present. Shapes are tiny: the interpreter runs every program
+in Python.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from spion_fx.kernels.layout import BlockLayout  # noqa: E402
+from spion_fx.kernels.triton_attention import (  # noqa: E402
+    INTERPRET,
+    dropout_keep_mask,
+    triton_block_sparse_bwd,
+    triton_block_sparse_fwd,
+)
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("compiled Triton needs CUDA; set TRITON_INTERPRET=1", allow_module_level=True)
+
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+if DEVICE == "cuda":  # TF32 dots on GPU
+    TOL[torch.float32] = (5e-3, 5e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference (private, so these tests do not depend on spion_fx.kernels.reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def reference(q, k, v, layout, scale, causal, kpm=None, keep=None, dropout_p=0.0, compat=False):
+    """Dense masked softmax in float64; returns (out, lse). keep: bool [B,H,Lq,Lk] or None."""
+    q, k, v = (t.detach().double().cpu().requires_grad_(True) for t in (q, k, v))
+    b, h, lq, _ = q.shape
+    h_kv, lk = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(h // h_kv, dim=1)
+    vv = v.repeat_interleave(h // h_kv, dim=1)
+    bs = layout.block_size
+    grid = layout.to_dense().cpu()  # [H', nQB, nKB]
+    pattern = grid.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :lq, :lk]
+    allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    if causal:
+        allowed = allowed & torch.ones(lq, lk, dtype=torch.bool).tril()
+    if kpm is not None:
+        allowed = allowed & kpm.cpu()[:, None, None, :]
+    visible = allowed & pattern.unsqueeze(0)
+    s = (q @ kk.transpose(-1, -2)) * scale
+    s_vis = s.masked_fill(~visible, float("-inf"))
+    if compat:  # pruned-but-allowed keys count as logit 0
+        s_vis = torch.where(allowed & ~visible, torch.zeros_like(s), s_vis)
+    lse = torch.logsumexp(s_vis, dim=-1)
+    p = torch.exp(s_vis - lse.unsqueeze(-1)).nan_to_num(0.0) * visible
+    if keep is not None:
+        p = p * keep.cpu() / (1.0 - dropout_p)
+    out = p @ vv
+    return q, k, v, out, lse
+
+
+def make_layout(nqb, nkb, bs, heads=1, density=0.5, seed=0, diag=True, dense=False):
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.rand(heads, nqb, nkb, generator=g) < density
+    if dense:
+        grid[:] = True
+    if diag:
+        n = min(nqb, nkb)
+        grid[:, torch.arange(n), torch.arange(n)] = True
+    return BlockLayout.from_dense(grid, bs)
+
+
+def run_case(
+    b=1, h=2, h_kv=None, lq=64, lk=None, d=32, bs=32, dtype=torch.float32, causal=False,
+    layout_heads=1, kpm=False, dropout_p=0.0, compat=False, density=0.5, dense=False, seed=0,
+    layout=None, check_bwd=True,
+):
+    h_kv = h_kv or h
+    lk = lk or lq
+    torch.manual_seed(seed)
+    q = torch.randn(b, h, lq, d, dtype=dtype, device=DEVICE)
+    k = torch.randn(b, h_kv, lk, d, dtype=dtype, device=DEVICE)
+    v = torch.randn(b, h_kv, lk, d, dtype=dtype, device=DEVICE)
+    if layout is None:
+        layout = make_layout(math.ceil(lq / bs), math.ceil(lk / bs), bs, layout_heads, density,
+                             seed=seed, dense=dense)
+    mask = None
+    if kpm:
+        mask = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
+        mask[0, lk - 7:] = False
+        if b > 1:
+            mask[1, 3:9] = False
+    seed_t = torch.tensor(1234 + seed, dtype=torch.int64)
+    scale = 1.0 / math.sqrt(d)
+    lay = layout.to(DEVICE)
+    args = (lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks, lay.q_indices, bs, scale, causal,
+            mask, dropout_p, seed_t, compat)
+    out, lse = triton_block_sparse_fwd(q, k, v, *args)
+    keep = dropout_keep_mask(seed_t, b, h, lq, lk, dropout_p, DEVICE) if dropout_p > 0 else None
+    rq, rk, rv, rout, rlse = reference(q, k, v, layout, scale, causal, mask, keep, dropout_p, compat)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), rout.detach(), atol=atol, rtol=rtol)
+    lse_ref = rlse.detach()
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.double().cpu()[finite], lse_ref[finite], atol=atol, rtol=rtol)
+    if not check_bwd:
+        return out, lse
+    grad = torch.randn_like(out)
+    dq, dk, dv = triton_block_sparse_bwd(grad, q, k, v, out, lse, *args)
+    rout.backward(grad.double().cpu())
+    for name, got, ref in (("dq", dq, rq.grad), ("dk", dk, rk.grad), ("dv", dv, rv.grad)):
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        # Gradients sum over up to Lk terms; scale the tolerance with their magnitude.
+        torch.testing.assert_close(got.double().cpu(), ref, atol=atol * 4, rtol=rtol * 4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward + backward against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_basic(causal, bs):
+    run_case(causal=causal, bs=bs, lq=64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_length_not_multiple_of_block(causal):
+    run_case(lq=77, bs=32, causal=causal, d=32)
+
+
+def test_cross_lengths():
+    run_case(lq=48, lk=80, bs=16, causal=False)
+
+
+def test_key_padding_causal():
+    run_case(b=2, h=1, lq=64, bs=32, causal=True, kpm=True)
+
+
+def test_gqa_per_head_layout():
+    # 4 query heads over 2 kv heads, a different pattern per query head: dK/dV must sum a group
+    # whose members walk different q-block lists.
+    run_case(h=4, h_kv=2, lq=64, bs=16, layout_heads=4, density=0.4, causal=True)
+
+
+def test_gqa_shared_layout():
+    run_case(h=4, h_kv=1, lq=48, bs=16, layout_heads=1)
+
+
+def test_dense_pattern_matches_dense_attention():
+    run_case(lq=64, bs=16, dense=True, causal=True, d=64)
+
+
+def test_diagonal_only_and_empty_rows():
+    # Row 0: only the diagonal block; row 1: nothing at all -> out = 0, lse = -inf, zero grads.
+    grid = torch.zeros(1, 3, 3, dtype=torch.bool)
+    grid[0, 0, 0] = True
+    grid[0, 2, 0] = True
+    grid[0, 2, 2] = True
+    layout = BlockLayout.from_dense(grid, 16)
+    out, lse = run_case(lq=48, bs=16, layout=layout, causal=True)
+    assert torch.all(out[:, :, 16:32] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, 16:32]))
+
+
+def test_head_dim_padded_and_128():
+    run_case(lq=32, d=24, bs=16, h=1)  # D padded to 32 inside the kernel
+    run_case(lq=32, d=128, bs=16, h=1, check_bwd=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype):
+    run_case(lq=48, bs=16, dtype=dtype, causal=True, h=1, d=64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_compat_spion(causal):
+    run_case(lq=64, bs=16, compat=True, causal=causal, kpm=True, b=2, h=1, density=0.3)
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(3)
+    b, h, lq, d, bs = 1, 2, 48, 32, 16
+    base = torch.randn(b, lq, h, d, device=DEVICE)  # [B, L, H, D] viewed as [B, H, L, D]
+    q = base.transpose(1, 2)
+    k = torch.randn(b, lq, h, d, device=DEVICE).transpose(1, 2)
+    v = torch.randn(b, lq, h, d, device=DEVICE).transpose(1, 2)
+    layout = make_layout(3, 3, bs)
+    lay = layout.to(DEVICE)
+    seed = torch.tensor(0)
+    out, _ = triton_block_sparse_fwd(q, k, v, lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks,
+                                     lay.q_indices, bs, 0.2, False, None, 0.0, seed, False)
+    _, _, _, ref, _ = reference(q, k, v, layout, 0.2, False)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=2e-4, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dropout_matches_reference_with_same_mask():
+    run_case(h=2, h_kv=1, lq=48, bs=16, dropout_p=0.3, causal=True, kpm=True)
+
+
+def test_dropout_determinism_and_rate():
+    torch.manual_seed(0)
+    b, h, lq, d, bs, p = 1, 1, 32, 16, 16, 0.25
+    q, k, v = (torch.randn(b, h, lq, d, device=DEVICE) for _ in range(3))
+    layout = make_layout(2, 2, bs, dense=True).to(DEVICE)
+    lay = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices)
+
+    def fwd(seed):
+        return triton_block_sparse_fwd(q, k, v, *lay, bs, 0.25, False, None, p,
+                                       torch.tensor(seed, dtype=torch.int64), False)[0]
+
+    a, a2, c = fwd(7), fwd(7), fwd(8)
+    assert torch.equal(a, a2)
+    assert not torch.allclose(a, c)
+    keep = dropout_keep_mask(torch.tensor(7), 2, 3, 96, 80, p, DEVICE)
+    assert torch.equal(keep, dropout_keep_mask(torch.tensor(7), 2, 3, 96, 80, p, DEVICE))
+    rate = keep.float().mean().item()
+    n = keep.numel()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    other = dropout_keep_mask(torch.tensor(8), 2, 3, 96, 80, p, DEVICE)
+    assert (keep != other).float().mean().item() > 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation, determinism, op registration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 32, 16, device=DEVICE) for _ in range(3))
+    layout = make_layout(2, 2, 16).to(DEVICE)
+    args = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices, 16,
+            0.25, True, None, 0.0, torch.tensor(0), False)
+    out, lse = triton_block_sparse_fwd(q, k, v, *args)
+    g = torch.randn_like(out)
+    first = triton_block_sparse_bwd(g, q, k, v, out, lse, *args)
+    second = triton_block_sparse_bwd(g, q, k, v, out, lse, *args)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_rejects_bad_inputs():
+    q = torch.randn(1, 2, 32, 16, device=DEVICE)
+    layout = make_layout(2, 2, 16).to(DEVICE)
+    lay = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices)
+    seed = torch.tensor(0)
+    with pytest.raises(ValueError, match="block_size"):
+        triton_block_sparse_fwd(q, q, q, *lay, 24, 1.0, False, None, 0.0, seed, False)
+    with pytest.raises(ValueError, match="kv_num_blocks"):
+        triton_block_sparse_fwd(q, q, q, *lay, 32, 1.0, False, None, 0.0, seed, False)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        k = torch.randn(1, 3, 32, 16, device=DEVICE)
+        triton_block_sparse_fwd(q, k, k, *lay, 16, 1.0, False, None, 0.0, seed, False)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_block_sparse_fwd(q.double(), q.double(), q.double(), *lay, 16, 1.0, False, None,
+                                0.0, seed, False)
+    with pytest.raises(ValueError, match="dropout_p"):
+        triton_block_sparse_fwd(q, q, q, *lay, 16, 1.0, False, None, 1.0, seed, False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spion_fx.kernels.block_sparse_op") is None,
+                    reason="spion_fx.kernels.block_sparse_op not written yet")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA registration needs a GPU")
+def test_through_registered_op():  # pragma: no cover - needs a GPU
+    pytest.importorskip("spion_fx.kernels.block_sparse_op")
+    from spion_fx.kernels.triton_registration import register_cuda_kernels
+
+    assert register_cuda_kernels()
+    assert register_cuda_kernels()  # idempotent
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 32, device="cuda") for _ in range(3))
+    layout = make_layout(2, 2, 32).to("cuda")
+    lay = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices)
+    seed = torch.tensor(0)
+    out, lse = torch.ops.spion.block_sparse_attention_fwd(q, k, v, *lay, 32, 0.2, True, None, 0.0,
+                                                         seed, False)
+    ref_out, ref_lse = triton_block_sparse_fwd(q, k, v, *lay, 32, 0.2, True, None, 0.0, seed,
+                                               False)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_registration_is_safe_without_op_module():
+    from spion_fx.kernels.triton_registration import register_cuda_kernels
+
+    # Returns a bool either way and never raises (no op module yet, or no CUDA).
+    assert register_cuda_kernels() in (True, False)
