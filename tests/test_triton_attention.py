@@ -49,7 +49,7 @@ def reference(q, k, v, layout, scale, causal, kpm=None, keep=None, dropout_p=0.0
     kk = k.repeat_interleave(h // h_kv, dim=1)
     vv = v.repeat_interleave(h // h_kv, dim=1)
     bs = layout.block_size
-    grid = layout.to_dense().cpu()  # [H', nQB, nKB]
+    grid = layout_grid(layout)  # [H', nQB, nKB]
     pattern = grid.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :lq, :lk]
     allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool)
     if causal:
@@ -67,6 +67,19 @@ def reference(q, k, v, layout, scale, causal, kpm=None, keep=None, dropout_p=0.0
         p = p * keep.cpu() / (1.0 - dropout_p)
     out = p @ vv
     return q, k, v, out, lse
+
+
+def layout_grid(layout):
+    """Boolean block grid [H', nQB, nKB], built from the compressed rows.
+
+    (Not BlockLayout.to_dense: its scatter lets the zero padding of kv_indices clear column 0.)
+    """
+    num, idx = layout.kv_num_blocks.cpu(), layout.kv_indices.cpu().long()
+    grid = torch.zeros(num.shape[0], num.shape[1], layout.num_kv_blocks, dtype=torch.bool)
+    for h in range(num.shape[0]):
+        for r in range(num.shape[1]):
+            grid[h, r, idx[h, r, : num[h, r]]] = True
+    return grid
 
 
 def make_layout(nqb, nkb, bs, heads=1, density=0.5, seed=0, diag=True, dense=False):

@@ -605,21 +605,30 @@ def _prune_tiles(configs, named_args, **kwargs):
     return kept
 
 
-def _configs(pairs: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]):
+def _configs(specs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in pairs
-        for w in warps
-        for s in stages
+        for bm, bn, w, s in specs
     ]
 
 
-# Forward: big query tiles amortise the Q load; the kv tile trades register pressure (D=128) for
-# fewer loop trips. Backward dK/dV keeps the kv tile resident and streams small q tiles, dQ the
-# reverse -- the same split as the Triton tutorial (BLOCK_M1=32/BLOCK_N1=128, BLOCK_M2=128/32).
-_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32), (32, 32)], (4, 8), (2, 3, 4))
-_DKDV_CONFIGS = _configs([(32, 128), (64, 128), (32, 64), (16, 64), (16, 32)], (4, 8), (2, 3))
-_DQ_CONFIGS = _configs([(128, 32), (128, 64), (64, 32), (64, 64), (32, 16)], (4, 8), (2, 3))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward: big query tiles amortise the Q load; the kv
+# tile trades register pressure (D=128) for fewer loop trips. Backward dK/dV keeps the kv tile
+# resident and streams small q tiles, dQ the reverse -- the split of the Triton tutorial
+# (BLOCK_M1=32/BLOCK_N1=128, BLOCK_M2=128/BLOCK_N2=32). Kept short: each config is compiled and
+# timed once per tuning key.
+_FWD_CONFIGS = _configs([
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2),
+])
+_DKDV_CONFIGS = _configs([
+    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2),
+    (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2),
+])
+_DQ_CONFIGS = _configs([
+    (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2),
+    (64, 64, 4, 3), (64, 32, 4, 3), (32, 16, 4, 2),
+])
 _TUNE_KEY = ["HEAD_DIM", "PATTERN_BLOCK", "IS_CAUSAL", "HAS_KPM", "HAS_DROPOUT", "H_KV"]
 
 if INTERPRET:

@@ -9,21 +9,30 @@ first use rather than at import, because Triton decides between compiling and in
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
 from torch import Tensor
 
-try:  # triton is optional: kernels/ must import on machines without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
+# Imported on first use, not here: triton's own @jit helpers (tl.zeros, ...) are also decorated
+# when triton is imported, so importing it before TRITON_INTERPRET is set would break the
+# interpreter for the whole process. Triton is optional: kernels/ must import without it.
+triton = None
+tl = None
 
 
 def available() -> bool:
-    return triton is not None
+    return importlib.util.find_spec("triton") is not None
+
+
+def _import_triton() -> None:
+    global triton, tl
+    if triton is None:
+        import triton as _triton
+        import triton.language as _tl
+
+        triton, tl = _triton, _tl
 
 
 def interpreting() -> bool:
@@ -64,8 +73,8 @@ def _nm_matmul_kernel(
             x_ptr + offs_t[:, None] * stride_xt + offs_i[None, :] * stride_xi,
             mask=t_ok[:, None] & (offs_i < n_in)[None, :], other=0.0,
         )
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        if IEEE:  # fp32 inputs, or the interpreter (its bf16 tl.dot returns garbage)
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_o[None, :] * stride_yo
@@ -75,12 +84,13 @@ def _nm_matmul_kernel(
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
     del interpret  # part of the cache key only: decoration reads the environment
+    _import_triton()
     return triton.jit(_nm_matmul_kernel)
 
 
 def supports(n: int, m: int) -> str | None:
     """None if the kernel handles n:m, else the reason it does not."""
-    if triton is None:
+    if not available():
         return "triton is not installed"
     if m & (m - 1):
         return f"M={m} is not a power of two (tile reshape needs it)"
@@ -105,12 +115,13 @@ def nm_matmul(
     block_o = block_o or (16 if small else 128)
     block_i = max(block_i or (32 if small else 64), m, 16)
     y = torch.empty(tokens, out, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(out, block_o))
-    _kernel(interpreting())[grid](
+    kernel = _kernel(interpreting())
+    grid = (-(-tokens // block_t), -(-out // block_o))
+    kernel[grid](
         x, values, index_bytes, y,
         tokens, out, in_features,
         x.stride(0), x.stride(1), values.stride(0), index_bytes.stride(0), y.stride(0), y.stride(1),
         N=n, M=m, BITS=bits, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_G=block_i // m,
-        IEEE=x.dtype == torch.float32,
+        IEEE=x.dtype == torch.float32 or interpreting(),
     )
     return y

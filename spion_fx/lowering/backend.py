@@ -20,7 +20,6 @@ import torch.fx as fx
 from torch import nn
 
 from spion_fx.capture import map_placeholders, tensor_names
-from spion_fx.passes.detect import detect_sites
 from spion_fx.passes.rewrite import Rewritten, constant_value, rewrite_sites
 from spion_fx.passes.sites import AttentionSite, LinearSite
 from spion_fx.policy import Policy
@@ -50,9 +49,12 @@ class SpionCompiler:
         self.records: list[GraphRecord] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from spion_fx.passes.detect import detect_sites
+
         names = map_placeholders(gm, example_inputs, self._names_by_id)
         attention, linear = detect_sites(gm, names)
         record = GraphRecord(len(self.records), attention, linear, [])
+        self._linear_modules = self._linear_modules_for(gm, example_inputs, linear, record)
         rewritten = rewrite_sites(gm, [*attention, *linear], lambda s: self._module_for(s, record))
         record.rewritten = rewritten
         record.graph_module = gm
@@ -77,12 +79,27 @@ class SpionCompiler:
             else:
                 record.decisions[site.name] = f"SPION-{policy.attention.variant.upper()}" if ok else f"dense: {why}"
             return module
-        if not policy.linear.enabled or not policy.linear.selects(site.name, site.role):
-            record.decisions[site.name] = "dense (policy)" if site.role == "linear" else f"dense: {site.role}"
-            return None
-        module = self.state.linear_site(site)
-        record.decisions[site.name] = module.describe().get("pattern", policy.linear.method)
-        return module
+        return self._linear_modules.get(site.name)
+
+    def _linear_modules_for(self, gm, example_inputs, sites: list[LinearSite], record: GraphRecord) -> dict[str, nn.Module]:
+        """Runtime modules for this graph's selected linear sites, bound to the live weights."""
+        policy = self.state.policy.linear
+        values = {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+        selected = []
+        for site in sites:
+            if not policy.enabled or not policy.selects(site.name, site.role):
+                record.decisions[site.name] = "dense (policy)" if site.role == "linear" else f"dense: {site.role}"
+                continue
+            weight = values.get(site.weight.name)
+            if not isinstance(weight, nn.Parameter):
+                record.decisions[site.name] = "dense: weight is not a parameter"
+                continue
+            selected.append((site.name, tuple(site.weight_shape), site.weight_transposed, weight))
+        modules = self.state.linear_sites(selected) if selected else {}
+        for name, module in modules.items():
+            info = module.describe()
+            record.decisions[name] = info.get("dense_reason") and f"dense: {info['dense_reason']}" or info.get("pattern", policy.method)
+        return modules
 
 
 def attention_spec(site: AttentionSite) -> AttentionSpec | None:

@@ -108,14 +108,22 @@ FUNCTION_SPELLINGS: dict[Any, Spelling] = {
     torch.permute: _s("permute", "input", "dims"), _aten.permute.default: _s("permute", "input", "dims"),
     torch.t: _s("t", "input"), _aten.t.default: _s("t", "input", self="input"),
     F.linear: _LINEAR, _aten.linear.default: _LINEAR,
-    F.embedding: _s("embedding", "input", "weight", "padding_idx", "max_norm"),
-    torch.embedding: _s("embedding", "weight", "input", "padding_idx"),
-    _aten.embedding.default: _s("embedding", "weight", "input", "padding_idx", indices="input"),
+    F.embedding: _s("embedding", "input", "weight", "padding_idx", "max_norm", "norm_type",
+                    "scale_grad_by_freq", "sparse"),
+    torch.embedding: _s("embedding", "weight", "input", "padding_idx", "scale_grad_by_freq", "sparse"),
+    _aten.embedding.default: _s("embedding", "weight", "input", "padding_idx", "scale_grad_by_freq",
+                                "sparse", indices="input"),
     F.scaled_dot_product_attention: _SDPA,
     _aten.scaled_dot_product_attention.default: _SDPA,
     torch.repeat_interleave: _s("repeat_interleave", "input", "repeats", "dim"),
     operator.getitem: _s("getitem", "input", "index"),
 }
+
+# Dynamo keeps `torch.ops.aten.x(...)` as the overload packet; it reads like the default overload.
+FUNCTION_SPELLINGS.update({
+    key.overloadpacket: spelling for key, spelling in list(FUNCTION_SPELLINGS.items())
+    if isinstance(key, torch._ops.OpOverload) and key.overloadpacket not in FUNCTION_SPELLINGS
+})
 
 # call_method spellings; "input" is the tensor the method is called on.
 METHOD_SPELLINGS: dict[str, Spelling] = {
@@ -133,7 +141,7 @@ METHOD_SPELLINGS: dict[str, Spelling] = {
     "contiguous": _s("contiguous", "input"),
     "repeat_interleave": _s("repeat_interleave", "input", "repeats", "dim"),
     # dtype/device casts: value-preserving for attention purposes
-    **{name: _s("cast", "input") for name in
+    **{name: _s("cast", "input", VARARGS) for name in
        ("to", "float", "half", "bfloat16", "double", "type", "type_as")},
 }
 

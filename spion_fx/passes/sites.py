@@ -49,6 +49,20 @@ class AttentionSite:
     kv_len: int | None = None
     cross_attention: bool = False
     nodes: list[fx.Node] = field(default_factory=list)
+    # --- added by the detector (defaults keep the meaning of the fields above) ---
+    # scale is a *divisor* (scores / scale_node); only set when `scale` is a node — a constant
+    # divisor c is recorded as scale = 1/c.
+    scale_is_divisor: bool = False
+    # Further additive terms, applied after `mask` (all mask_kind "additive"): the effective
+    # additive mask is mask + sum(extra_masks). T5 eager adds position_bias and then the mask.
+    extra_masks: list[fx.Node] = field(default_factory=list)
+    # Rank of q/k/v: 4 = [B, H, L, D]; 3 = [B*H, L, D] (bmm / baddbmm style, num_heads only when
+    # the reshape that folded the heads is visible in the graph, else None).
+    rank: int = 4
+    # When k/v reached the attention through HF's repeat_kv (expand + reshape) or
+    # repeat_interleave, `k`/`v` are the un-repeated [B, H_kv, S, D] tensors, enable_gqa is True
+    # and these are the repeat nodes (dead once the site is rewritten).
+    kv_repeat_nodes: list[fx.Node] = field(default_factory=list)
 
     @property
     def kind(self) -> str:

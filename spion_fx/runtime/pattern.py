@@ -10,12 +10,14 @@ pattern, following the authors' code exactly (see ALGORITHMS.md section 1 and
   filtered L x L matrix: each pooled cell is a sum of 2r+1 diagonally shifted B x B rectangles of A,
   and every such rectangle is split into four corner pieces of the B x B tiles it straddles. Per
   tile we only need its row/column sums and the 2-D prefix sums of its (r+1) x (r+1) corners, so
-  the cost is ~2 reads of A instead of the conv's L^2 * filter_size^2 multiply-adds. No prefix
-  sum spans more than one tile (a global integral image would cancel catastrophically in float32).
-  Sums inside a tile use the input dtype (float32 or float64; half types are upcast to float32),
-  everything across tiles is float64. With float64 input the pooled grid matches conv2d +
-  avg_pool2d to ~1e-16; with float32 input both we and the float32 original are ~1e-7 accurate,
-  so patterns can differ only where two pooled values tie to within float32 rounding.
+  the cost is a few passes over A instead of the conv's L^2 * filter_size^2 multiply-adds.
+  Every quantity is a sum of the entries it covers (contractions with 0/1 weights, never a
+  difference of two sums), so there is no cancellation and a region of exact zeros (underflowed
+  or masked probabilities) pools to exactly 0, keeping the exact ties the original sees there.
+  Sums inside a tile use the input dtype (float32 or float64; half types are upcast to
+  float32), everything across tiles is float64. With float64 input the pooled grid matches
+  conv2d + avg_pool2d to ~1e-16; with float32 input both we and the float32 original are ~1e-7
+  accurate, so patterns can differ only where two nonzero pooled values agree to ~1e-6.
 * **threshold** (CF, F): the q-quantile of the pooled grid with linear interpolation
   (`torch.quantile(..., interpolation="linear")`, computed in float64). This is numpy's default
   `np.quantile(method="linear")`, which the original used; both use the same index rule
@@ -72,7 +74,9 @@ def _as_score_stack(attn: Tensor) -> Tensor:
     if not attn.is_floating_point():
         raise TypeError(f"attn must be a floating-point tensor, got dtype {attn.dtype}")
     if attn.dim() not in (2, 3) or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] == 0:
-        raise ValueError(f"attn must be [L, L] or [H, L, L] with L > 0, got shape {tuple(attn.shape)}")
+        raise ValueError(
+            f"attn must be [L, L] or [H, L, L] with L > 0, got shape {tuple(attn.shape)}"
+        )
     return attn.unsqueeze(0) if attn.dim() == 2 else attn
 
 
@@ -81,11 +85,37 @@ def _as_score_stack(attn: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _staircase(corner: Tensor) -> Tensor:
-    """[.., P, s, Q, s] corners -> [.., P, Q, s+1]: out[k] = sum(corner[:k, :k]) (2-D prefix diagonal)."""
-    cum = corner.cumsum(-3).cumsum(-1)
-    diag = cum.diagonal(dim1=-3, dim2=-1).to(torch.float64)  # [.., P, Q, s]
-    return F.pad(diag, (1, 0))
+def _split_points(block_size: int, radius: int) -> list[int]:
+    """Split points k = t mod B of the shifts |t| <= radius (k = 0 is the unshifted block)."""
+    return sorted({t % block_size for t in range(-radius, radius + 1)})
+
+
+def _split_indicators(block_size: int, ks: list[int], like: Tensor) -> Tensor:
+    """[B, 2K] 0/1 weights: column c < K selects index < ks[c], column K + c selects >= ks[c]."""
+    j = torch.arange(block_size, device=like.device)[:, None]
+    k = torch.tensor(ks, device=like.device)[None, :]
+    return torch.cat([j < k, j >= k], 1).to(like.dtype)
+
+
+def _quadrant_sums(tiles: Tensor, ks: list[int]) -> dict[str, Tensor]:
+    """Per tile [H, P, B, Q, B] and split k in ks: the sums of its four quadrants (rows < k or
+    >= k) x (cols < k or >= k), each [H, P, Q, K] float64.
+
+    Both stages are contractions with 0/1 weights, so each result is a plain sum of the entries
+    it covers: no a - b cancellation, and an all-zero quadrant (underflowed or masked
+    probabilities) sums to exactly 0, keeping the exact ties that conv2d + avg_pool2d keep.
+    """
+    h, nb, b = tiles.shape[:3]
+    w = _split_indicators(b, ks, tiles)
+    # Stage 1 (columns) is one GEMM over all tile rows, in the input precision.
+    cols = (tiles.reshape(-1, b) @ w).view(h, nb, b, nb, 2 * len(ks))  # [H, P, i, Q, 2K]
+    # Stage 2 (rows): column split c pairs with the row split of the same k, so it is a masked
+    # reduction over i (faster here than the equivalent batched GEMM with 2 output columns).
+    n = len(ks)
+    upper, lower = (x.repeat(1, 2)[None, None, :, None, :] for x in (w[:, :n], w[:, n:]))
+    above = (cols * upper).sum(2).to(torch.float64)  # rows < k: [H, P, Q, 2K]
+    below = (cols * lower).sum(2).to(torch.float64)  # rows >= k
+    return {"tl": above[..., :n], "bl": below[..., :n], "tr": above[..., n:], "br": below[..., n:]}
 
 
 def _shift_add(out: Tensor, x: Tensor, dp: int, dq: int) -> None:
@@ -102,40 +132,27 @@ def _block_sums(a: Tensor, block_size: int, radius: int) -> Tensor:
 
     Shift t = m*B + k (0 <= k < B) moves block (I, J) onto the tiles I+m, I+m+1 (rows) and
     J+m, J+m+1 (cols); within those tiles it covers the quadrants split at row k and column k:
-    BR of tile (I+m, J+m), BL of (I+m, J+m+1), TR of (I+m+1, J+m), TL of (I+m+1, J+m+1).
+    bottom-right of tile (I+m, J+m), bottom-left of (I+m, J+m+1), top-right of (I+m+1, J+m),
+    top-left of (I+m+1, J+m+1).
     """
     h, lp, _ = a.shape
     b = block_size
     nb = lp // b
-    # Sums inside one tile stay in the input precision (float32 reductions are ~7x faster here
-    # than float64 ones); everything that crosses tiles is float64.
     tiles = a.reshape(h, nb, b, nb, b)
-    row_pre = F.pad(tiles.sum(4).transpose(2, 3).to(torch.float64).cumsum(-1), (1, 0))
-    col_pre = F.pad(tiles.sum(2).to(torch.float64).cumsum(-1), (1, 0))  # [H, nb, nb, B+1]
-    total = row_pre[..., b]
     if radius == 0:
-        return total.clone()
+        return tiles.sum(4).sum(2).to(torch.float64)
 
-    # TL(k) for k <= s_tl from top-left corners, BR(k) for k >= B - s_br from bottom-right ones;
-    # every split k = t mod B with |t| <= radius is covered by one of them.
-    s_tl, s_br = min(radius + 1, b), min(radius, b)
-    tl_known = _staircase(tiles[:, :, :s_tl, :, :s_tl])
-    br_known = _staircase(tiles[:, :, b - s_br :, :, b - s_br :].flip(2, 4))
-
+    ks = _split_points(b, radius)
+    quads = _quadrant_sums(tiles, ks)
+    position = {k: i for i, k in enumerate(ks)}
     out = torch.zeros(h, nb, nb, dtype=torch.float64, device=a.device)
     for t in range(-radius, radius + 1):
         m, k = divmod(t, b)
-        rp, cp = row_pre[..., k], col_pre[..., k]
-        if k <= s_tl:
-            tl = tl_known[..., k]
-            br = total - rp - cp + tl
-        else:
-            br = br_known[..., b - k]
-            tl = rp + cp - total + br
-        _shift_add(out, br, m, m)
-        _shift_add(out, cp - tl, m, m + 1)  # BL: rows >= k, cols < k
-        _shift_add(out, rp - tl, m + 1, m)  # TR: rows < k, cols >= k
-        _shift_add(out, tl, m + 1, m + 1)
+        c = position[k]
+        _shift_add(out, quads["br"][..., c], m, m)
+        _shift_add(out, quads["bl"][..., c], m, m + 1)
+        _shift_add(out, quads["tr"][..., c], m + 1, m)
+        _shift_add(out, quads["tl"][..., c], m + 1, m + 1)
     return out
 
 
@@ -159,8 +176,9 @@ def block_scores(
     if stack.dtype not in (torch.float32, torch.float64):
         stack = stack.float()  # half-precision tile sums would lose too much
     # One head at a time keeps the float64 temporaries at one head's size.
-    sums = torch.stack([_block_sums(_pad_to_blocks(x, block_size)[None], block_size, radius)[0]
-                        for x in stack])
+    sums = torch.stack(
+        [_block_sums(_pad_to_blocks(x, block_size)[None], block_size, radius)[0] for x in stack]
+    )
     scores = sums / float(block_size * block_size)
     if attn.dim() == 2:
         return scores[0]
@@ -292,7 +310,9 @@ def generate_pattern(
     return marks if per_head else marks[0]
 
 
-def resize_pattern(pattern: Tensor, num_blocks: int, band: int = 1, *, causal: bool = True) -> Tensor:
+def resize_pattern(
+    pattern: Tensor, num_blocks: int, band: int = 1, *, causal: bool = True
+) -> Tensor:
     """Fit a block pattern [.., nb, nb] to another length of num_blocks blocks per side.
 
     Shorter: crop the top-left num_blocks x num_blocks. Longer: keep the old pattern in the

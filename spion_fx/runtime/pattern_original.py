@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["generate_pattern_original", "pooled_original"]
+__all__ = ["flood_fill_original", "generate_pattern_original", "pooled_original"]
 
 
 def pooled_original(attn: Tensor, block_size: int, filter_size: int | None = 31) -> np.ndarray:
@@ -47,14 +47,8 @@ def _flood_fill(pool_out: np.ndarray, out: np.ndarray, x: int, y: int, threshold
     _flood_fill(pool_out, out, x, y, threshold, nb)
 
 
-def generate_pattern_original(
-    attn: Tensor,
-    block_size: int,
-    quantile: float = 0.98,
-    filter_size: int | None = 31,
-) -> Tensor:
-    """[L, L] scores -> [nb, nb] bool pattern; filter_size=None is variant F, 31 is CF."""
-    pool_out = pooled_original(attn, block_size, filter_size)
+def flood_fill_original(pool_out: np.ndarray, quantile: float = 0.98) -> Tensor:
+    """Threshold = np.quantile, 2*nb recursive walks from the first row and column, forced diagonal."""
     threshold = np.quantile(pool_out, quantile)
     nb = pool_out.shape[0]
     padded = np.zeros((nb + 1, nb + 1), dtype=pool_out.dtype)  # walks may look one past the edge
@@ -73,3 +67,13 @@ def generate_pattern_original(
     pattern = out[:nb, :nb].astype(bool)
     np.fill_diagonal(pattern, True)
     return torch.from_numpy(pattern)
+
+
+def generate_pattern_original(
+    attn: Tensor,
+    block_size: int,
+    quantile: float = 0.98,
+    filter_size: int | None = 31,
+) -> Tensor:
+    """[L, L] scores -> [nb, nb] bool pattern; filter_size=None is variant F, 31 is CF."""
+    return flood_fill_original(pooled_original(attn, block_size, filter_size), quantile)

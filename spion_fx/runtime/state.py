@@ -56,6 +56,53 @@ class SparsityState(nn.Module):
             self._plan_step()
         return self.attention[key]
 
+    def linear_sites(self, sites: list[tuple[str, tuple[int, ...], bool, nn.Parameter]]) -> dict[str, nn.Module]:
+        """Runtime modules for linear sites (name, weight shape, transposed, live weight).
+
+        All sites of one graph are added before binding, so MST's Erdős–Rényi allocation sees
+        them together; a checkpoint loaded before the first forward is applied right here.
+        """
+        from spion_fx.runtime.linear_controller import LinearSparsityController, site_key
+
+        if self.linear is None:
+            self.linear = LinearSparsityController(self.policy.linear).to(self.step.device)
+        controller = self.linear
+        fresh = {}
+        for name, shape, transposed, weight in sites:
+            if site_key(name) not in controller.sites:
+                controller.add_site(name, shape, transposed).to(self.step.device)
+                fresh[name] = weight
+        late = bool(controller.initialized) and fresh and not self._pending_linear()
+        self._restore_pending("linear.", controller)
+        controller.bind({name: weight for name, _, _, weight in sites})
+        if late:
+            self._init_late_linear_sites(fresh)
+        self.version += 1
+        return {name: controller.site(name) for name, *_ in sites}
+
+    def _pending_linear(self) -> bool:
+        return any(k.startswith("linear.") for k in self._pending)
+
+    @torch.no_grad()
+    def _init_late_linear_sites(self, weights: dict[str, nn.Parameter]) -> None:
+        """Sites first seen after the masks were built (a later graph): N:M from |W| now; MST at
+        the global density, since the ER allocation was made without them."""
+        from spion_fx.runtime import schedules
+        from spion_fx.runtime.mst import random_mask
+
+        for name, weight in weights.items():
+            site = self.linear.site(name)
+            if site.dense_reason is not None:
+                continue
+            if site.method == "mst":
+                density = 1.0 - schedules.mst_sparsity(int(self.linear.step), self.policy.linear)
+                site.layer_density = density
+                site.mask.copy_(random_mask(site.weight_shape, density, torch.Generator().manual_seed(0), site.mask.device))
+                weight.mul_(site.mask)
+                warnings.warn(f"spion_fx: linear site {name!r} appeared after MST's ER allocation; it gets the global density {density:.2f}", stacklevel=3)
+            else:
+                site.refresh_mask(weight)
+
     def attention_sites(self) -> Iterator[AttentionSiteModule]:
         return iter(self.attention.values())  # type: ignore[return-value]
 

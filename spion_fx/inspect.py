@@ -1,0 +1,182 @@
+"""`python -m spion_fx.inspect`: show the sites spion_fx finds in a model and the rewritten graphs.
+
+    python -m spion_fx.inspect --model gpt2 --policy spion-cf --seq-len 128
+    python -m spion_fx.inspect --model /path/to/hf_model_dir --format json
+    python -m spion_fx.inspect --model mypkg.models:make_model    # returns (model, example_inputs)
+
+The model goes through the very machinery `sparsify` uses (Dynamo → detection → rewrite), with
+the eager inner compiler and one no-grad forward, so what is printed is what training would run.
+Bad arguments print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+from spion_fx.lowering.backend import GraphRecord, SpionCompiler
+from spion_fx.policy import Policy
+from spion_fx.runtime.state import SparsityState
+
+
+class UsageError(Exception):
+    """A problem with the user's arguments: reported in one line, exit status 2."""
+
+
+def load_model(spec: str, seq_len: int, batch: int = 2) -> tuple[torch.nn.Module, tuple, dict]:
+    """NAME (built-in config), PATH (local HF model directory) or module:factory."""
+    from spion_fx import zoo
+
+    if spec in zoo.names():
+        model, kwargs = zoo.build(spec, seq_len=seq_len, batch=batch)
+        return model, (), kwargs
+    if os.path.isdir(spec):
+        return _load_hf_directory(spec, seq_len, batch)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"--model {spec}: cannot import {attr!r} from {module_name!r} ({exc})") from exc
+        result = factory()
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+            raise UsageError(f"--model {spec}: the factory must return (model, example_inputs)")
+        model, example = result
+        if isinstance(example, dict):
+            return model, (), example
+        return model, tuple(example) if isinstance(example, (tuple, list)) else (example,), {}
+    raise UsageError(
+        f"--model {spec!r} is neither a built-in model ({', '.join(zoo.names())}), "
+        "a directory, nor module:factory"
+    )
+
+
+def _load_hf_directory(path: str, seq_len: int, batch: int) -> tuple[torch.nn.Module, tuple, dict]:
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError as exc:
+        raise UsageError("loading a model directory needs transformers: pip install spion-fx[hf]") from exc
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {path}: not a loadable Hugging Face model directory ({exc})") from exc
+    vocab = getattr(config, "vocab_size", 1000)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    return model.eval(), (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def inspect_model(model: torch.nn.Module, args: tuple, kwargs: dict, policy: Policy) -> tuple[list[GraphRecord], list[str]]:
+    """Run the spion machinery once (no grad, eager inner compiler) and return its records."""
+    from spion_fx.capture import graph_break_reasons
+
+    state = SparsityState(policy)
+    compiler = SpionCompiler(state, model=model, inner="eager")
+    before = graph_break_reasons()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=compiler, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    after = graph_break_reasons()
+    breaks = [r for r, n in after.items() for _ in range(n - before.get(r, 0))]
+    torch._dynamo.reset()
+    return compiler.records, breaks
+
+
+def site_rows(records: list[GraphRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for record in records:
+        for site in record.attention_sites:
+            rows.append({
+                "graph": record.index, "site": site.name, "kind": "attention", "form": site.form,
+                "shape": _shape(site.q), "heads": site.num_heads, "kv_heads": site.num_kv_heads,
+                "causal": site.is_causal, "mask": site.mask_kind, "cross": site.cross_attention,
+                "decision": record.decisions.get(site.name, ""),
+            })
+        for site in record.linear_sites:
+            rows.append({
+                "graph": record.index, "site": site.name, "kind": site.role, "form": site.form,
+                "shape": list(site.weight_shape), "weight": site.weight_name,
+                "decision": record.decisions.get(site.name, ""),
+            })
+    return rows
+
+
+def _shape(node: Any) -> list[int] | None:
+    value = getattr(node, "meta", {}).get("example_value")
+    return list(value.shape) if value is not None else None
+
+
+def print_text(rows: list[dict[str, Any]], records: list[GraphRecord], breaks: list[str], show_graph: bool) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"spion_fx sites ({len(records)} graph(s), {len(breaks)} graph break(s))")
+    for column in ("graph", "site", "kind", "form", "shape", "heads", "causal", "decision"):
+        table.add_column(column)
+    for row in rows:
+        heads = "" if row.get("heads") is None else f"{row['heads']}/{row.get('kv_heads') or row['heads']}"
+        table.add_row(
+            str(row["graph"]), row["site"], row["kind"], row["form"], str(row["shape"]), heads,
+            "" if "causal" not in row else str(row["causal"]), row["decision"],
+        )
+    console.print(table)
+    for reason in breaks:
+        console.print(f"[yellow]graph break:[/yellow] {reason}")
+    if not show_graph:
+        return
+    for record in records:
+        rewritten = {r.target for r in record.rewritten}
+        code = record.graph_module.code if record.graph_module is not None else ""
+        console.rule(f"graph {record.index} (rewritten nodes highlighted)")
+        lines = [i + 1 for i, line in enumerate(code.splitlines()) if any(t in line for t in rewritten)]
+        console.print(Syntax(code, "python", highlight_lines=set(lines), line_numbers=True, word_wrap=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spion_fx.inspect", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="built-in NAME, a HF model directory, or module:factory")
+    parser.add_argument("--policy", default="spion-cf", help="preset name, e.g. spion-cf, nm-2:4, spion-cf+nm-2:4")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--no-graph", action="store_true", help="print only the table of sites")
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed a one-line usage error
+        return int(exc.code or 0)
+    try:
+        if ns.seq_len < 1:
+            raise UsageError(f"--seq-len must be >= 1, got {ns.seq_len}")
+        try:
+            policy = Policy.coerce(ns.policy, inner_compiler="eager")
+        except ValueError as exc:
+            raise UsageError(f"--policy: {exc}") from exc
+        model, args, kwargs = load_model(ns.model, ns.seq_len)
+    except UsageError as exc:
+        print(f"spion_fx.inspect: error: {exc}", file=sys.stderr)
+        return 2
+    records, breaks = inspect_model(model, args, kwargs, policy)
+    rows = site_rows(records)
+    if ns.format == "json":
+        payload = {
+            "model": ns.model, "policy": policy.name, "graphs": len(records), "graph_breaks": breaks,
+            "sites": rows,
+            "rewritten_graphs": [r.graph_module.code for r in records if r.graph_module is not None],
+        }
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print_text(rows, records, breaks, show_graph=not ns.no_graph)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`finalize(model)`: bake trained sparsity masks into the model for inference.
+
+For every linear site of a `LinearSparsityController`:
+- N:M sites (srste / mdgf / sdgf) whose mask is active: W⊙M is packed and the owning ``nn.Linear``
+  or HF ``Conv1D`` is replaced by `PackedNMLinear` (semi-structured 2:4 / Triton on CUDA, tiled
+  unpacking on CPU). MDGF is baked with the binary mask whatever α was (its fine-tune end state).
+- MST sites: W⊙M is written into the weight in place; storage stays dense, because unstructured
+  sparsity at these densities has no faster kernel here.
+- Sites that never became sparse stay as they are, with the reason.
+The owning module is found by the identity of the bound weight parameter (falling back to the
+site name as a module path), so names produced by the rewrite pass need not match exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spion_fx.kernels.nm_packed import PackedNMLinear
+from spion_fx.runtime.linear_controller import LinearSparsityController
+from spion_fx.runtime.linear_site import NM_METHODS, LinearSparsitySite
+
+
+def _controller(model: nn.Module, controller: LinearSparsityController | None) -> LinearSparsityController:
+    if controller is not None:
+        return controller
+    state = getattr(model, "spion_state", None)
+    found = getattr(state, "linear", None)
+    if not isinstance(found, LinearSparsityController):
+        raise ValueError("finalize: pass controller= or attach one at model.spion_state.linear")
+    return found
+
+
+def _owner(model: nn.Module, site: LinearSparsitySite, weight: torch.Tensor | None) -> tuple[str, nn.Module] | None:
+    if weight is not None:
+        for path, module in model.named_modules():
+            if getattr(module, "weight", None) is weight:
+                return path, module
+    try:
+        return site.name, model.get_submodule(site.name)
+    except AttributeError:
+        return None
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+@torch.no_grad()
+def finalize(
+    model: nn.Module, controller: LinearSparsityController | None = None, backend: str = "auto"
+) -> dict[str, str]:
+    """Bake masks; returns {site name: what was done (or why not)}."""
+    ctl = _controller(model, controller)
+    done: dict[str, str] = {}
+    for site in ctl.sites.values():
+        weight = ctl._weights.get(site.name)
+        if site.dense_reason is not None:
+            done[site.name] = f"dense: {site.dense_reason}"
+            continue
+        if not site.active:
+            done[site.name] = f"dense: site still in its {site.phase} phase"
+            continue
+        owner = _owner(model, site, weight)
+        if owner is None:
+            done[site.name] = "skipped: owning module not found"
+            continue
+        path, module = owner
+        w = module.weight
+        if site.method == "mst":
+            w.mul_(site.mask.to(w.device))
+            done[site.name] = (
+                f"mst: mask baked as zeros, dense storage (unstructured, density {site.density():.3f})"
+            )
+            continue
+        if site.method not in NM_METHODS:
+            done[site.name] = f"dense: method {site.method}"
+            continue
+        n, m = site.nm
+        packed = PackedNMLinear.from_dense(
+            w, getattr(module, "bias", None), n, m, mask=site.mask.to(w.device),
+            weight_transposed=site.weight_transposed, backend=backend,
+        )
+        _replace(model, path, packed)
+        done[site.name] = f"packed {n}:{m} -> PackedNMLinear[{packed.backend}] ({packed.reason})"
+    return done
