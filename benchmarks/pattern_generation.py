@@ -3,7 +3,8 @@
 The original (`spion_fx.runtime.pattern_original`) is the authors' recipe: a 31 x 31 identity
 conv2d, avg_pool2d, np.quantile and a recursive Python flood fill. Both run in one process on the
 same attention-like float32 matrix; the table shows medians and their ratio (the machine is noisy,
-so compare ratios, not times), and whether the two patterns are identical.
+so compare ratios, not times), and how many blocks of the two patterns differ (float32 input:
+only cells whose pooled values agree to float32 rounding can differ; float64 input is exact).
 
     python benchmarks/pattern_generation.py [--quick]
 
@@ -66,7 +67,8 @@ def bench(
         "original_ms": orig_s * 1e3,
         "ratio": orig_s / ours_s,
         "density": pattern_density(ours),
-        "identical": bool(torch.equal(ours, orig)),
+        # float32 sums in another order than conv2d/avg_pool2d: only near-tied cells may differ.
+        "differing_blocks": int((ours != orig).sum()),
     }
     # The same numbers under the keys the other CPU benchmarks use, for run_cpu.py.
     row.update(case=name, baseline="original (conv2d + recursive walks)",
@@ -87,14 +89,14 @@ def run(quick: bool = False) -> list[dict]:
 def _print(rows: list[dict]) -> None:
     print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32 input")
     header = (
-        f"{'case':<26} {'density':>8} {'ours ms':>9} {'original ms':>12} {'ratio':>8} {'same':>5}"
+        f"{'case':<26} {'density':>8} {'ours ms':>9} {'original ms':>12} {'ratio':>8} {'diff':>5}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['name']:<26} {r['density']:>8.3f} {r['ours_ms']:>9.1f} {r['original_ms']:>12.1f} "
-            f"{r['ratio']:>7.1f}x {'yes' if r['identical'] else 'NO':>5}"
+            f"{r['ratio']:>7.1f}x {r['differing_blocks']:>5}"
         )
 
 

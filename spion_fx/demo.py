@@ -182,21 +182,30 @@ class DemoResult:
         }
 
 
+def warm_up_steps(records: list[StepRecord], skip: int) -> list[bool]:
+    """Per record, whether it is one of the first `skip` steps of its phase.
+
+    Those include compiling the phase's graph (and, after the switch, re-lowering and building
+    the block layout), so they do not measure steady training.
+    """
+    seen = {"dense": 0, "sparse": 0}
+    flags = []
+    for record in records:
+        seen[record.phase] += 1
+        flags.append(seen[record.phase] <= skip)
+    return flags
+
+
 def steady_step_times(records: list[StepRecord], skip: int) -> dict[str, list[float]]:
     """Per phase, the step times that measure steady training.
 
-    Left out: probe steps (they run a different graph that also averages attention maps — their
-    cost is measured by benchmarks/probe_overhead.py), the first `skip` steps of the run (compile
-    and warm-up of the dense graph) and the first `skip` steps after the switch (re-lowering and
-    building the block layout).
+    Left out: each phase's first `skip` steps (see `warm_up_steps`) and probe steps (they run a
+    different graph that also averages attention maps; benchmarks/probe_overhead.py measures them).
     """
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    seen = {"dense": 0, "sparse": 0}
-    for record in records:
-        seen[record.phase] += 1
-        if record.probe or seen[record.phase] <= skip:
-            continue
-        times[record.phase].append(record.seconds)
+    for record, warm_up in zip(records, warm_up_steps(records, skip)):
+        if not (warm_up or record.probe):
+            times[record.phase].append(record.seconds)
     return times
 
 
@@ -351,6 +360,9 @@ def _train(model, optimizer, sampler, val_batches, config, result, console, step
             _announce_switches(model, result, progress.console)
             info = f"loss {loss:.3f}  {tokens / seconds:,.0f} tok/s  {phase}{' (probe)' if probe else ''}"
             progress.update(task, advance=1, info=info)
+            if not progress.console.is_terminal and (step % 10 == 0 or step + 1 == config.steps):
+                # Without a terminal the bar only renders at the end: log a line now and then.
+                progress.console.print(f"step {step + 1:4d}/{config.steps}  {info}  ({seconds:.2f} s)")
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 evaluate(step + 1)
             if step_hook is not None:

@@ -41,13 +41,16 @@ def _bert(attn: str) -> nn.Module:
     return BertForMaskedLM(cfg)
 
 
+# use_cache decides which SDPA form HF emits (transformers 5.23): GPT-2 without a cache passes a
+# bool mask (is_causal=False); LLaMA with its default cache passes no mask, is_causal=True and
+# enable_gqa=True. Both forms are kept on purpose; T5 runs without a cache to capture faster.
 def _llama(attn: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attention_dropout=0.0, use_cache=False, attn_implementation=attn,
+        attention_dropout=0.0, attn_implementation=attn,
     )
     return LlamaForCausalLM(cfg)
 

@@ -267,3 +267,20 @@ def test_band_path(length, causal, heads):
     assert plan.band is not None and plan.band.lo == -1 and plan.band.hi == (0 if causal else 1)
     q, k, v = make_inputs(2, h, hkv, length, length, 8)
     assert_matches_reference(q, k, v, layout, causal=causal)
+
+
+def test_no_grad_flex_route_matches_reference(monkeypatch):
+    import spion_fx.kernels.block_sparse_op as op_module
+
+    monkeypatch.setattr(op_module, "FLEX_NO_GRAD_MIN_ELEMENTS", 0)
+    torch._dynamo.reset()
+    length, block = 64, 16
+    grid = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(14)) < 0.4
+    grid[:, 1] = False  # a row with no blocks outputs 0
+    layout = BlockLayout.from_dense(grid, block)
+    q, k, v = (t.detach().float() for t in make_inputs(2, 4, 2, length, length, 8))
+    kpm = torch.rand(2, length, generator=torch.Generator().manual_seed(15)) > 0.3
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, layout, causal=True, key_padding_mask=kpm)
+    ref, _ = reference_attention(q, k, v, layout, None, True, kpm)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -27,10 +27,60 @@ def qkv(q_len: int = L, kv_len: int = L, heads: int = H, kv_heads: int = H) -> t
     )
 
 
+def node_values(gm: torch.fx.GraphModule, inputs: list) -> dict[torch.fx.Node, object]:
+    """Every node's value for one run of `gm`."""
+    env: dict[torch.fx.Node, object] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            env[n] = super().run_node(n)
+            return env[n]
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return env
+
+
+def site_reference(site: AttentionSite, env: dict) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v computed from the site's fields alone (float64)."""
+    q, k, v = (env[n].double() for n in (site.q, site.k, site.v))
+    if site.enable_gqa:
+        k, v = (t.repeat_interleave(site.gqa_ratio, dim=-3) for t in (k, v))
+    if site.scale is None:
+        scale = q.shape[-1] ** -0.5
+    else:
+        scale = float(env[site.scale]) if isinstance(site.scale, torch.fx.Node) else site.scale
+        scale = 1.0 / scale if site.scale_is_divisor else scale
+    s = q @ k.transpose(-1, -2) * scale
+    fill = site.mask_fill_value if site.mask_fill_value is not None else float("-inf")
+    if site.mask_kind == "additive":
+        s = s + sum((env[m].double() for m in [site.mask, *site.extra_masks]), torch.zeros(()))
+    elif site.mask_kind == "bool_keep":
+        s = s.masked_fill(~env[site.mask], fill)
+    elif site.mask_kind == "bool_fill":
+        s = s.masked_fill(env[site.mask], fill)
+    if site.is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def assert_sites_exact(gm: torch.fx.GraphModule, inputs: list, attention: list[AttentionSite]) -> None:
+    """Each site's recorded fields reproduce the value the graph computes at its output."""
+    env = node_values(gm, inputs)
+    for site in attention:
+        if site.dropout_p > 0:
+            continue  # random: nothing to compare against
+        got = env[site.output].double()
+        torch.testing.assert_close(got, site_reference(site, env), atol=1e-4, rtol=1e-4, msg=site.name)
+
+
 def sites(module: nn.Module, *args: torch.Tensor) -> tuple[list[AttentionSite], list[LinearSite]]:
     result = capture(module, args)
     assert result.num_graphs == 1, result.graph_breaks
-    return detect_sites(result.graphs[0])
+    graph = result.graphs[0]
+    attention, linear = detect_sites(graph)
+    assert_sites_exact(graph.graph_module, graph.example_inputs, attention)
+    return attention, linear
 
 
 def one_attention(module: nn.Module, *args: torch.Tensor) -> AttentionSite:
@@ -238,6 +288,16 @@ def test_eager_softmax_upcast_and_downcast():
         return torch.matmul(F.softmax(s.float(), dim=-1).type_as(q), v)
 
     one_attention(Fn(fn), *qkv())
+
+
+def test_eager_reversed_operands_and_cast_after_dropout():
+    def fn(q, k, v, mask):
+        s = mask + 0.25 * torch.matmul(q, k.transpose(-1, -2))
+        p = F.dropout(F.softmax(s.float(), dim=-1), p=0.0, training=False).to(v.dtype)
+        return p @ v
+
+    site = one_attention(Fn(fn), *qkv(), torch.randn(B, 1, 1, L))
+    assert site.scale == 0.25 and site.mask_kind == "additive"
 
 
 class TrainingDropout(nn.Module):

@@ -92,7 +92,7 @@ def test_spion_end_to_end(name):
         got = _output(model(**kwargs))
         want = _output(reference(**kwargs))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for out, o in ((got, opt), (want, ref_opt)):
+        for out in (got, want):
             loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
             loss.backward()
         for p, r in zip(model.parameters(), reference.parameters()):

@@ -318,3 +318,27 @@ def test_registration_is_safe_without_op_module():
 
     # Returns a bool either way and never raises (no op module yet, or no CUDA).
     assert register_cuda_kernels() in (True, False)
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_agrees_with_project_reference(compat):
+    """Same conventions as spion_fx.kernels.reference (the CPU op's ground truth)."""
+    ref_mod = pytest.importorskip("spion_fx.kernels.reference")
+    torch.manual_seed(5)
+    b, h, lq, d, bs = 2, 2, 56, 32, 16
+    q, k, v = (torch.randn(b, h, lq, d, device=DEVICE) for _ in range(3))
+    layout = make_layout(4, 4, bs, heads=2, density=0.3, seed=5)
+    kpm = torch.ones(b, lq, dtype=torch.bool, device=DEVICE)
+    kpm[1, -9:] = False
+    seed = torch.tensor(11)
+    keep = dropout_keep_mask(seed, b, h, lq, lq, 0.2, DEVICE)
+    lay = layout.to(DEVICE)
+    out, lse = triton_block_sparse_fwd(q, k, v, lay.kv_num_blocks, lay.kv_indices,
+                                       lay.q_num_blocks, lay.q_indices, bs, 0.3, True, kpm, 0.2,
+                                       seed, compat)
+    ref_out, ref_lse = ref_mod.reference_attention(
+        q.cpu(), k.cpu(), v.cpu(), layout, 0.3, True, kpm.cpu(), compat, keep.cpu(), 0.2)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-4, rtol=2e-4)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu()[finite], ref_lse[finite], atol=2e-4, rtol=2e-4)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
+from test_detect import assert_sites_exact
 from torch import nn
 
 from spion_fx import zoo
@@ -18,7 +19,7 @@ from spion_fx.passes.sites import AttentionSite, LinearSite
 CASES = [(name, attn) for name in zoo.names() for attn in ("sdpa", "eager")] + [("minilm", "sdpa")]
 
 
-@lru_cache(maxsize=None)
+@cache
 def detected(name: str, attn: str, padding: bool = False):
     """(model, example, attention sites, linear sites), captured once per case."""
     if name == "minilm":
@@ -31,6 +32,7 @@ def detected(name: str, attn: str, padding: bool = False):
     linear: list[LinearSite] = []
     for graph in result.graphs:
         a, lin = detect_sites(graph)
+        assert_sites_exact(graph.graph_module, graph.example_inputs, a)
         attention += a
         linear += lin
     return model, example, attention, linear
@@ -72,6 +74,8 @@ def test_hf_attention_facts():
     _, _, attention, _ = detected("llama", "sdpa")
     assert [s.name for s in attention] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert all(s.enable_gqa and (s.num_heads, s.num_kv_heads) == (4, 2) and s.is_causal for s in attention)
+    _, _, attention, _ = detected("gpt2", "sdpa")
+    assert all(s.mask_kind == "bool_keep" and not s.is_causal for s in attention)
     _, _, attention, _ = detected("llama", "eager")
     assert all(s.enable_gqa and s.num_kv_heads == 2 and s.kv_repeat_nodes for s in attention)
     assert all(s.mask_kind == "additive" and s.scale == pytest.approx(8 ** -0.5) for s in attention)

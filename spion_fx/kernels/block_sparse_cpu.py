@@ -242,7 +242,7 @@ def get_plan(
 class _Blocks:
     """Flat block views of q-shaped and kv-shaped tensors for one call.
 
-    Every gather and scatter is a dim-0 ``index_select``/``index_copy_``/``index_add_`` on a
+    Every gather and scatter is a dim-0 ``index_select``/``index_copy_``/``index_put_`` on a
     [rows, block*D] view: whole contiguous blocks move at memcpy speed, about twice as fast as
     indexing an inner dimension, and one gather already yields the [B, units*n, G'*bs] order.
     """
@@ -297,7 +297,8 @@ class _Blocks:
 
     def scatter_add_q(self, dst: torch.Tensor, src: torch.Tensor, grp: RowGroup) -> None:
         flat = self._q_rows(dst)
-        flat.index_add_(0, self.indices(grp)[0], src.reshape(-1, flat.shape[1]))
+        # index_put_(accumulate) measured ~2x faster than index_add_ for whole-row adds on CPU.
+        flat.index_put_((self.indices(grp)[0],), src.reshape(-1, flat.shape[1]), accumulate=True)
 
     def band_q(self, t: torch.Tensor, band: Band) -> torch.Tensor:
         """Contiguous q-shaped [B, H, Lq_pad, *tail] -> interior rows [B*Hkv, n, G*bs, *tail]."""
@@ -346,7 +347,7 @@ class _Blocks:
 
     def scatter_add_kv(self, dst: torch.Tensor, src: torch.Tensor, grp: RowGroup) -> None:
         flat = dst.view(-1, self.block * dst.shape[-1])
-        flat.index_add_(0, self.indices(grp)[1], src.reshape(-1, flat.shape[1]))
+        flat.index_put_((self.indices(grp)[1],), src.reshape(-1, flat.shape[1]), accumulate=True)
 
     def _q_len(self) -> int:
         return (self.g if self.shared else 1) * self.block

@@ -133,6 +133,8 @@ def block_sparse_attention(
     _validate(q, k, v, layout, causal, key_padding_mask, dropout_p, compat)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if _use_flex(q, k, v, layout, dropout_p, compat):
+        return _flex_forward(q, k, v, layout, float(scale), causal, key_padding_mask)
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
     else:
@@ -143,6 +145,75 @@ def block_sparse_attention(
         compat == "spion",
     )  # fmt: skip
     return out
+
+
+# No-grad CPU calls at least this large (Lq * Lk) go to compiled FlexAttention, which reads
+# blocks in place and beat the grouped kernel's forward ~2x at L=2048 (benchmarks/attention_cpu.py).
+# Smaller calls stay on the op: a FlexAttention compile per shape costs seconds.
+FLEX_NO_GRAD_MIN_ELEMENTS = 1024 * 1024
+_compiled_flex = None
+
+
+def _use_flex(q, k, v, layout: BlockLayout, dropout_p: float, compat: str | None) -> bool:
+    if q.device.type != "cpu" or dropout_p > 0 or compat is not None:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    bs = layout.block_size
+    lq, lk = q.shape[2], k.shape[2]
+    return lq % bs == 0 and lk % bs == 0 and lq * lk >= FLEX_NO_GRAD_MIN_ELEMENTS
+
+
+def _flex_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The same attention through FlexAttention: unmasked blocks as its "full" blocks, blocks
+    on the causal diagonal (or all, with key padding) as partial blocks with a mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from .layout import _compress_rows
+    from .reference import layout_block_grid
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    grid = layout_block_grid(layout)
+    nqb, nkb = grid.shape[1], grid.shape[2]
+    partial = torch.zeros_like(grid)
+    if causal:
+        grid = grid & torch.ones(nqb, nkb, dtype=torch.bool, device=grid.device).tril()
+        partial = grid & torch.eye(nqb, nkb, dtype=torch.bool, device=grid.device)
+    if key_padding_mask is not None:
+        partial = grid
+    full = grid & ~partial
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = q_idx >= kv_idx if causal else q_idx >= 0
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask[b, kv_idx]
+        return visible
+
+    def blocks(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num, idx = _compress_rows(g)
+        idx = torch.nn.functional.pad(idx, (0, nkb - idx.shape[-1]))  # FlexAttention wants nKB columns
+        return num[None], idx[None]
+
+    kv_num, kv_idx = blocks(partial)
+    full_num, full_idx = blocks(full)
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=layout.block_size, mask_mod=mask_mod,
+        seq_lengths=(q.shape[2], k.shape[2]),
+    )  # fmt: skip
+    gqa = q.shape[1] != k.shape[1]
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
 def _validate(

@@ -67,10 +67,13 @@ class BlockLayout:
     def to_dense(self) -> torch.Tensor:
         """Boolean block grid [H', nQB, nKB]."""
         h, nqb, maxk = self.kv_indices.shape
-        grid = torch.zeros(h, nqb, self.num_kv_blocks, dtype=torch.bool, device=self.kv_indices.device)
+        nkb = self.num_kv_blocks
+        # Padding entries point at a scratch column nkb, so they cannot clear a real column 0.
+        grid = torch.zeros(h, nqb, nkb + 1, dtype=torch.bool, device=self.kv_indices.device)
         valid = torch.arange(maxk, device=self.kv_indices.device) < self.kv_num_blocks.unsqueeze(-1)
-        grid.scatter_(2, self.kv_indices.long(), valid)
-        return grid
+        columns = torch.where(valid, self.kv_indices.long(), torch.full_like(self.kv_indices.long(), nkb))
+        grid.scatter_(2, columns, True)
+        return grid[..., :nkb]
 
     def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(

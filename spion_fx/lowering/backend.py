@@ -42,8 +42,14 @@ class GraphRecord:
 class SpionCompiler:
     """A Dynamo backend bound to one SparsityState."""
 
-    def __init__(self, state: SparsityState, model: nn.Module | None = None, inner: str | None = None):
+    def __init__(
+        self, state: SparsityState, model: nn.Module | None = None, inner: str | None = None,
+        *, counts_forwards: bool = False,
+    ):
         self.state = state
+        # A bare torch.compile(backend="spion") has no wrapper around the model's call to count
+        # steps, so the first graph's runner counts training forwards instead.
+        self.counts_forwards = counts_forwards
         self.inner = inner or state.policy.inner_compiler
         self._names_by_id = tensor_names(model) if model is not None else {}
         self.records: list[GraphRecord] = []
@@ -60,7 +66,9 @@ class SpionCompiler:
         record.graph_module = gm
         self.records.append(record)
         self.state.graph_records = self.records
-        return VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+        runner = VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+        runner.counts_forwards = self.counts_forwards and record.index == 0
+        return runner
 
     def _module_for(self, site: AttentionSite | LinearSite, record: GraphRecord) -> nn.Module | None:
         policy = self.state.policy
@@ -163,7 +171,11 @@ class VariantRunner:
                 if q is not None and k is not None and q.dim() == 4:
                     self.shapes.append((item.module, int(q.shape[-2]), int(k.shape[-2])))
 
+    counts_forwards = False
+
     def __call__(self, *args):
+        if self.counts_forwards and self.state.training and torch.is_grad_enabled():
+            self.state.on_training_forward()
         key = self.state.variant_key()
         compiled = self.cache.get(key)
         if compiled is None:
@@ -197,10 +209,18 @@ def spion_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) 
     state = options.get("state")
     if state is None:
         policy = Policy.coerce(options.get("policy"))
-        state = STATES.setdefault(id(options.get("policy")), SparsityState(policy))
-    compiler = _COMPILERS.setdefault(id(state), SpionCompiler(state, inner=options.get("inner")))
+        key = options.get("policy") if isinstance(options.get("policy"), (str, type(None))) else id(options["policy"])
+        if key not in STATES:
+            STATES[key] = SparsityState(policy)
+            STATES[key].count_steps = "forward"
+        state = STATES[key]
+    if id(state) not in _COMPILERS:
+        _COMPILERS[id(state)] = SpionCompiler(
+            state, inner=options.get("inner"), counts_forwards=state.count_steps == "forward"
+        )
+    compiler = _COMPILERS[id(state)]
     return compiler(gm, example_inputs)
 
 
-STATES: dict[int, SparsityState] = {}
+STATES: dict[object, SparsityState] = {}
 _COMPILERS: dict[int, SpionCompiler] = {}

@@ -9,6 +9,7 @@ torch/_inductor/pattern_matcher.py, but over a path rather than a tree), and rea
 each candidate output node:
 
     output   matmul | bmm (probs, v)
+    cast                                               {0,2}
     dropout  dropout                                   ?
     cast     to | float | type | type_as ...           {0,2}
     softmax  softmax over the last dim
@@ -20,13 +21,22 @@ each candidate output node:
 Each `Step` names the ops it accepts, which operand(s) may carry the chain (both, for
 commutative add/mul) and a `read` function that returns the step's side facts (v, mask, scale…)
 or None to refuse. `match_chain` backtracks over the quantifiers and yields every complete match;
-`_eager_site` then validates the match as a whole (shapes, dims, dtypes, independence of the side
+`_eager_draft` then validates the match as a whole (shapes, dims, dtypes, independence of the side
 operands). Conservatism is structural:
   * every interior node of the chain must feed only the next step, so nothing else observes the
     scores/probabilities the rewrite would remove (in-place ops such as masked_fill_ therefore
     never match either: they leave the pre-mask node with a second user);
   * a candidate with more than one valid reading, or whose nodes overlap another site's, is
     dropped: a site we return is exact, anything doubtful stays dense.
+
+What a site records beyond the obvious:
+  * eager `scale` is what the chain applies: 1.0 when it has no scale step (q may have been
+    scaled before the matmul — then `q` is the scaled node), 1/c for a division by a constant c;
+    None (SDPA's default 1/sqrt(D)) only for SDPA calls without `scale`.
+  * k/v that reached the attention through repeat_kv / repeat_interleave are recorded
+    un-repeated with enable_gqa=True (the call (q, k, v, enable_gqa=True) is the same function).
+  * several additive terms (T5: position bias, then the mask) give `mask` + `extra_masks`.
+  * cross_attention: see `_is_cross`; name: see `_unique_names`.
 """
 
 from __future__ import annotations
@@ -227,6 +237,7 @@ _CASTS = frozenset({"cast"})
 
 EAGER_ATTENTION: tuple[Step, ...] = (
     Step("output", frozenset({"matmul", "bmm"}), _read_output),
+    Step("cast_out", _CASTS, _read_cast, min=0, max=2),
     Step("dropout", frozenset({"dropout"}), _read_dropout, min=0),
     Step("cast_after", _CASTS, _read_cast, min=0, max=2),
     Step("softmax", frozenset({"softmax"}), _read_softmax),
@@ -272,7 +283,7 @@ def _eager_draft(match: list[StepMatch]) -> _Draft | None:
         return None
     # Side operands must come from outside the chain, or the rewrite would change their value.
     chain_nodes = [m.call.node for m in match]
-    side = [m for _, m, _ in f["masks"]] + [f.get("bias"), f.get("scale")]
+    side = [m for _, m, _ in f["masks"]] + [v, f.get("bias"), f.get("scale")]
     if any(_depends_on(n, scores) for n in side if isinstance(n, fx.Node)):
         return None
     masks = ([("additive", f["bias"], None)] if "bias" in f else []) + f["masks"]
@@ -441,7 +452,7 @@ def _unrepeated_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
     if expand is None or expand.op != "expand":
         return None
     item = op_call(expand.get("input"))
-    if item is None or item.op != "getitem":
+    if item is None or item.op != "getitem" or not _is_new_axis_index(item.get("index")):
         return None
     kv = item.get("input")
     src, mid, dst = shape_of(kv), shape_of(expand.node), shape_of(node)
@@ -455,6 +466,13 @@ def _unrepeated_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
         if len(inner.users) != 1:
             return None
     return kv, n, [item.node, expand.node, node]
+
+
+def _is_new_axis_index(index: Any) -> bool:
+    """x[:, :, None] and its spellings: full slices / Ellipsis around exactly one None."""
+    if not isinstance(index, tuple) or sum(i is None for i in index) != 1:
+        return False
+    return all(i is None or i is Ellipsis or i == slice(None) for i in index)
 
 
 def _look_through_repeat(draft: _Draft) -> None:

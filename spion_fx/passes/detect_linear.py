@@ -275,6 +275,8 @@ def match_linear(node: fx.Node, gm: fx.GraphModule, param_names: Mapping[str, st
         return parameter_name(weight, gm, param_names)
 
     x, w = call.get("input"), call.get("weight", call.get("other"))
+    if call.op in ("linear", "addmm") and len(shape_of(w, gm) or ()) != 2:
+        return None
     if call.op == "linear" and named(w):
         return LinearMatch("linear", x, w, named(w), call.get("bias"), False)
     if call.op == "embedding" and named(w):
@@ -295,7 +297,7 @@ def _is_lm_head(match: LinearMatch, module: str, embedding_weights: set[fx.Node]
 
     * tied: the weight placeholder is also an embedding weight in this graph (GPT-2, BERT-MLM,
       T5 — Dynamo gives a tied parameter a single placeholder), or
-    * named: the owning module's last path component is one of zoo.LM_HEAD_NAMES (untied heads:
+    * named: the owning module's last path component is in LM_HEAD_NAMES (untied heads:
       LLaMA's `lm_head`, GPT-NeoX's `embed_out`), which also covers a tied head whose embedding
       call landed in another graph after a graph break.
 

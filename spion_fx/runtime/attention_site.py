@@ -154,6 +154,10 @@ class AttentionSiteModule(nn.Module):
         )
 
     def _dense_eager(self, q, k, v, mask, scale):
+        if q.dim() == 4 and k.shape[1] != q.shape[1]:
+            # detection hands us k/v before HF's repeat_kv (GQA); repeat_kv == repeat_interleave
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2))
         if scale is not None:
             scores = scores * scale

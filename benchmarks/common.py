@@ -1,0 +1,122 @@
+"""Helpers shared by the benchmarks: median timing, the machine's description, markdown tables.
+
+This machine is shared and noisy, so every benchmark reports medians over repetitions after a
+warm-up, and compares ratios measured in the same run rather than absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall time of `fn` in seconds, after `warmup` untimed calls."""
+    return statistics.median(times(fn, reps, warmup, device))
+
+
+def times(fn: Callable[[], object], reps: int = 5, warmup: int = 1, device: str = "cpu") -> list[float]:
+    """Every timed repetition (seconds), so callers can report spread as well as the median."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    result = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        result.append(time.perf_counter() - start)
+    return result
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> dict[str, Any]:
+    """What a reader needs to interpret CPU timings."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "load_avg_1min": round(load, 2),
+    }
+
+
+def machine_line() -> str:
+    m = machine_description()
+    return (
+        f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
+        f"Python {m['python']}, {m['os']}, 1-min load {m['load_avg_1min']}"
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "n/a"
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
+    """A GitHub markdown table; columns default to the union of row keys in first-seen order."""
+    if not rows:
+        return "_no rows_\n"
+    if columns is None:
+        seen: dict[str, None] = {}
+        for row in rows:
+            seen.update(dict.fromkeys(row))
+        columns = list(seen)
+    columns = list(columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Iterable[str] | None = None) -> None:
+    """Print rows as a rich table (falls back to markdown when rich is missing)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(markdown_table(rows, columns))
+        return
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    Console().print(table)
