@@ -75,8 +75,12 @@ def bench_training(length: int, density: float, causal: bool, reps: int) -> dict
     q, k, v = _inputs(b, h, length, d)
     dense, sparse = _median_times(
         [
-            _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v),
-            _fwd_bwd(lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v),
+            _fwd_bwd(
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
+            ),
+            _fwd_bwd(
+                lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v
+            ),
         ],
         reps,
     )
@@ -108,7 +112,9 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
     layout_args = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices)
 
     def grouped_op() -> None:  # the op's own CPU kernel, bypassing the no-grad FlexAttention route
-        block_sparse_attention_fwd(q, k, v, *layout_args, block, d**-0.5, False, None, 0.0, seed, False)
+        block_sparse_attention_fwd(
+            q, k, v, *layout_args, block, d**-0.5, False, None, 0.0, seed, False
+        )
 
     with torch.no_grad():
         flex_ms, dense_ms, public_ms, op_ms = _median_times(
@@ -133,8 +139,15 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
     ]  # fmt: skip
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Rows of one benchmark run; quick uses shorter sequences and fewer reps."""
+def run(quick: bool = False, threads: int | None = None) -> list[dict]:
+    """Rows of one benchmark run; quick uses shorter sequences and fewer reps.
+
+    threads=1 gives steadier ratios on a shared, oversubscribed machine: with several threads
+    every op can wait a scheduler slice for its second thread, which penalises the many
+    small ops of a sparse kernel far more than one big dense call.
+    """
+    if threads:
+        torch.set_num_threads(threads)
     reps = 3 if quick else 7
     length = 2048 if quick else 4096
     rows = [
@@ -146,7 +159,9 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, B=1 H=8 D=64 block=64")
+    print(
+        f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, B=1 H=8 D=64 block=64"
+    )
     header = f"{'case':<34} {'density':>8} {'baseline':>24} {'base ms':>9} {'spion ms':>9} {'speedup':>8}"
     print(header)
     print("-" * len(header))
@@ -160,4 +175,9 @@ def _print(rows: list[dict]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter sequences, fewer reps")
-    _print(run(parser.parse_args().quick))
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads; 1 gives steadier ratios on a shared, oversubscribed machine",
+    )  # fmt: skip
+    args = parser.parse_args()
+    _print(run(args.quick, args.threads))

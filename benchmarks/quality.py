@@ -54,14 +54,14 @@ def quality_config(quick: bool, inner: str) -> DemoConfig:
     )
 
 
-def steady_total(records: list[StepRecord], skip: int) -> float:
+def steady_total(records: list[StepRecord], skip: int, attribute: str = "seconds") -> float:
     """Sum of step times with each phase's compile/warm-up steps replaced by its median."""
-    steady = steady_step_times(records, skip)
+    steady = steady_step_times(records, skip, attribute)
     medians = {phase: statistics.median(t) for phase, t in steady.items() if t}
     total = 0.0
     for record, warm_up in zip(records, warm_up_steps(records, skip)):
         replace_it = warm_up and not record.probe and record.phase in medians
-        total += medians[record.phase] if replace_it else record.seconds
+        total += medians[record.phase] if replace_it else getattr(record, attribute)
     return total
 
 
@@ -75,9 +75,10 @@ def train_policy(config: DemoConfig, policy: str) -> dict[str, Any]:
     start = time.perf_counter()
     for step in range(config.steps):
         phase, probe = attention_phase(model), is_probing(model)
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         loss = train_step(model, optimizer, next(sampler), learning_rate(config, step))
-        records.append(StepRecord(step, phase, probe, time.perf_counter() - began, loss))
+        seconds, cpu = time.perf_counter() - began, time.process_time() - began_cpu
+        records.append(StepRecord(step, phase, probe, seconds, loss, cpu))
     wall = time.perf_counter() - start
     val_loss = validation_loss(model, val, config.device)
     switches = [e for e in model.spion_state.events if e.get("event") == "switch"]
@@ -90,6 +91,7 @@ def train_policy(config: DemoConfig, policy: str) -> dict[str, Any]:
         "val_loss": val_loss,
         "train_wall_s": wall,
         "train_steady_s": steady_total(records, config.skip_after_compile),
+        "train_steady_cpu_s": steady_total(records, config.skip_after_compile, "cpu_seconds"),
         "switch_step": switches[0]["step"] if switches else None,
         "causal_density": statistics.mean(r["density"] for r in sparse_rows) if sparse_rows else 1.0,
     }
@@ -103,6 +105,7 @@ def run(quick: bool = False, inner: str = "aot_eager") -> list[dict[str, Any]]:
         row["val_loss_vs_dense_pct"] = 100.0 * (row["val_loss"] / dense["val_loss"] - 1.0)
         row["wall_vs_dense"] = row["train_wall_s"] / dense["train_wall_s"]
         row["steady_vs_dense"] = row["train_steady_s"] / dense["train_steady_s"]
+        row["steady_cpu_vs_dense"] = row["train_steady_cpu_s"] / dense["train_steady_cpu_s"]
         row["inner"] = inner
         row["benchmark"] = "quality"
     return rows
@@ -116,7 +119,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(machine_line())
     columns = ("policy", "steps", "seq_len", "switch_step", "causal_density", "val_loss",
-               "val_loss_vs_dense_pct", "train_wall_s", "wall_vs_dense", "train_steady_s", "steady_vs_dense")
+               "val_loss_vs_dense_pct", "train_wall_s", "wall_vs_dense", "train_steady_s", "steady_vs_dense",
+               "steady_cpu_vs_dense")
     print_table("quality: same model, data, seed and steps", run(args.quick, args.inner), columns)
 
 

@@ -119,10 +119,10 @@ def print_text(rows: list[dict[str, Any]], records: list[GraphRecord], breaks: l
     from rich.syntax import Syntax
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=f"spion_fx sites ({len(records)} graph(s), {len(breaks)} graph break(s))")
     for column in ("graph", "site", "kind", "form", "shape", "heads", "causal", "decision"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         heads = "" if row.get("heads") is None else f"{row['heads']}/{row.get('kv_heads') or row['heads']}"
         table.add_row(

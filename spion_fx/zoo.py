@@ -132,8 +132,9 @@ def build(
         raise ValueError(f"name must be one of {names()}, got {name!r}")
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
-    torch.manual_seed(seed)
-    model = _BUILDERS[name](attn_implementation).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = _BUILDERS[name](attn_implementation).eval()
     gen = torch.Generator().manual_seed(seed)
     return model, _example(name, model, seq_len, batch, padding, gen)
 
@@ -210,11 +211,9 @@ def expected_counts(name: str, model: nn.Module, example: Example | None = None)
     running one forward, because structure alone over- or under-counts shared modules: T5's
     `shared` embedding runs once in the encoder and once in the decoder (two graph sites, one
     module), and its decoder blocks hold a self- and a cross-attention module each. `example`
-    defaults to `build(name)`'s inputs (or `load_minilm()`'s for "minilm").
+    defaults to fresh inputs shaped like `build(name)`'s.
     """
     if example is None:
-        if name == "minilm":
-            example = load_minilm()[1]
-        else:
-            example = build(name)[1]
+        # Counts do not depend on the inputs' values; MiniLM reads like any BERT.
+        example = _example("bert" if name == "minilm" else name, model, 16, 1, False, torch.Generator())
     return _count_calls(model, example)

@@ -44,7 +44,9 @@ def grads(out, inputs, grad):
 
 
 def assert_matches_reference(q, k, v, layout, *, causal=False, kpm=None, compat=None, tol=1e-6):
-    out = block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=kpm, compat=compat)
+    out = block_sparse_attention(
+        q, k, v, layout, causal=causal, key_padding_mask=kpm, compat=compat
+    )
     ref, _ = reference_attention(q, k, v, layout, None, causal, kpm, compat == "spion")
     grad = torch.randn_like(out)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
@@ -203,7 +205,14 @@ def test_opcheck():
     )  # fmt: skip
     torch.library.opcheck(block_sparse_attention_fwd, args)
     out, lse = block_sparse_attention_fwd(*args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse) + args[3:]
+    bwd_args = (
+        torch.randn_like(out),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse,
+    ) + args[3:]
     torch.library.opcheck(block_sparse_attention_bwd, bwd_args)
 
 
@@ -263,7 +272,9 @@ def test_band_path(length, causal, heads):
         rows = torch.arange(max(0, -offset), min(nb, nb - offset))
         grid[:, rows, rows + offset] = True
     layout = BlockLayout.from_dense(grid, BLOCK)
-    plan = get_plan(layout.kv_num_blocks, layout.kv_indices, BLOCK, length, length, causal, h // hkv, True)
+    plan = get_plan(
+        layout.kv_num_blocks, layout.kv_indices, BLOCK, length, length, causal, h // hkv, True
+    )
     assert plan.band is not None and plan.band.lo == -1 and plan.band.hi == (0 if causal else 1)
     q, k, v = make_inputs(2, h, hkv, length, length, 8)
     assert_matches_reference(q, k, v, layout, causal=causal)

@@ -550,3 +550,19 @@ def test_detect_sites_accepts_graph_module_and_names():
     assert find_attention_sites(graph.graph_module, graph.param_names)[0].output is attention[0].output
     assert [s.weight_name for s in find_linear_sites(graph.graph_module, graph.param_names)] == [
         "q.weight", "k.weight", "v.weight"]
+
+
+def test_dynamic_shapes_keep_sites_with_unknown_lengths():
+    # After a recompile with dynamic shapes, sizes are symbolic: sites are still found, their
+    # sizes are unknown (None) rather than the example's, and nothing is specialized.
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v) + torch.softmax(q @ k.mT * 0.25 + mask, -1) @ v
+
+    args = (*qkv(), torch.zeros(B, 1, 1, L))
+    graph = capture(Fn(fn), args, dynamic=True).graphs[0]
+    attention, _ = detect_sites(graph)
+    assert [s.form for s in attention] == ["sdpa", "eager"]
+    assert all(s.q_len is None and s.kv_len is None and s.num_heads is None for s in attention)
+    inputs = [a for a in graph.example_inputs if isinstance(a, torch.Tensor)]
+    assert len(inputs) < len(graph.example_inputs)  # the sizes themselves are graph inputs
+    assert_sites_exact(graph.graph_module, graph.example_inputs, attention)

@@ -13,7 +13,14 @@ Two head modes:
 - per-head pattern (H' = H): every (head, query block) is its own row; K/V blocks are gathered
   from kv head h // G.
 
-The backward calls the fused CPU flash backward per group with the saved out/lse (no recompute).
+Band: when every row holds the same diagonal band of blocks (SPION always forces the diagonal),
+the interior rows read the band's keys in place through overlapping strided windows of K/V (the
+fused kernel accepts them), so only the remaining blocks are gathered; the two partial results
+are merged through their log-sum-exps. Used when there is no key padding, compat or dropout.
+
+The backward calls the fused CPU flash backward per group (and for the band) with the saved
+global out/lse: the softmax gradient splits over disjoint key sets given those, so nothing is
+recomputed and window gradients are folded back onto dK/dV.
 Dropout needs the probabilities, so it takes a plain matmul/softmax path whose keep-mask comes
 from a generator seeded by ``seed``; the backward regenerates the same mask and differentiates a
 recompute of that path.
@@ -123,7 +130,9 @@ def build_plan(
     partial_edge = lk % block != 0
     counts = kv_num_blocks.tolist()
     indices = kv_indices.tolist()
-    row_sets = [[set(indices[h][qb][:cnt]) for qb, cnt in enumerate(counts[h])] for h in range(n_heads)]
+    row_sets = [
+        [set(indices[h][qb][:cnt]) for qb, cnt in enumerate(counts[h])] for h in range(n_heads)
+    ]
     band = None
     if use_band and lq == lk:
         band = _find_band(row_sets, n_kv_blocks, causal, block, lk, group_size)
@@ -138,7 +147,9 @@ def build_plan(
                     continue  # entirely above the diagonal: nothing visible
                 diag = causal and kb == qb
                 edge = partial_edge and kb == n_kv_blocks - 1
-                kind = "diag_edge" if diag and edge else "diag" if diag else "edge" if edge else "full"
+                kind = (
+                    "diag_edge" if diag and edge else "diag" if diag else "edge" if edge else "full"
+                )
                 (full if kind == "full" else special).append((kind, kb))
             if not full and not special:
                 continue
@@ -169,7 +180,12 @@ def build_plan(
 
 
 def _find_band(
-    row_sets: list[list[set[int]]], n_kv_blocks: int, causal: bool, block: int, lk: int, group_size: int
+    row_sets: list[list[set[int]]],
+    n_kv_blocks: int,
+    causal: bool,
+    block: int,
+    lk: int,
+    group_size: int,
 ) -> Band | None:
     """Widest diagonal band [lo, hi] (lo <= 0 <= hi) contained in every row of every head."""
 
@@ -395,7 +411,11 @@ def _make_context(
         kpm_blocks = kpm.view(b, blocks.nkb, block)
     base_count = None
     if compat:
-        valid = key_padding_mask.bool() if key_padding_mask is not None else torch.ones(1, lk, dtype=torch.bool)
+        valid = (
+            key_padding_mask.bool()
+            if key_padding_mask is not None
+            else torch.ones(1, lk, dtype=torch.bool)
+        )
         qpos = torch.arange(blocks.nqb * block)
         if causal:
             cum = valid.long().cumsum(-1)
@@ -406,7 +426,9 @@ def _make_context(
     return _CallContext(blocks, kpm_blocks, base_count, compat, q.dtype)
 
 
-def _group_mask(ctx: _CallContext, grp: RowGroup) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _group_mask(
+    ctx: _CallContext, grp: RowGroup
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Additive mask for one group's fused call, and the rows that see no key (if any can).
 
     The mask is [1, 1, G'*bs, keys] when only the block structure masks (broadcast over every
@@ -425,7 +447,9 @@ def _group_mask(ctx: _CallContext, grp: RowGroup) -> tuple[torch.Tensor | None, 
     if struct is not None:
         vis = vis & struct[None, None, None]
     if ctx.kpm_blocks is not None:
-        vis = vis & ctx.kpm_blocks.index_select(1, grp.kv_block).view(blk.b, 1, n, 1, grp.count * bs)
+        vis = vis & ctx.kpm_blocks.index_select(1, grp.kv_block).view(
+            blk.b, 1, n, 1, grp.count * bs
+        )
     if ctx.compat:
         qpos = (grp.q_block[:, None] * bs + torch.arange(bs)).repeat(1, gq)  # [n, G'*bs]
         base = ctx.base_count[:, :, qpos]  # [B|1, 1, n, G'*bs]
@@ -439,7 +463,9 @@ def _group_mask(ctx: _CallContext, grp: RowGroup) -> tuple[torch.Tensor | None, 
         bias = _additive(vis, ctx.dtype)
         seen = vis.any(-1)
     rows_b = bias.shape[0]
-    bias = bias.expand(rows_b, units, n, *bias.shape[3:]).reshape(rows_b, units * n, *bias.shape[3:])
+    bias = bias.expand(rows_b, units, n, *bias.shape[3:]).reshape(
+        rows_b, units * n, *bias.shape[3:]
+    )
     seen = seen.expand(rows_b, units, n, seen.shape[-1]).reshape(rows_b, units * n, -1)
     return bias, ~seen
 
@@ -451,7 +477,9 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------- forward / backward
 
 
-def _gather_group(ctx: _CallContext, grp: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def _gather_group(
+    ctx: _CallContext, grp: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+):
     blk = ctx.blocks
     qg, kg, vg = blk.gather_q(q, grp), blk.gather_kv(k, grp), blk.gather_kv(v, grp)
     if ctx.compat:  # the virtual key: zero key (its logit comes from the mask), zero value
@@ -517,11 +545,14 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _merge_partial(
     o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine attention over two disjoint key sets from their outputs and log-sum-exps."""
+    """Combine attention over two disjoint key sets from their outputs and log-sum-exps.
+
+    l1 (the band part) is finite on every row, so the weights cannot be NaN; the two weights
+    sum to 1, hence one lerp (few ops matter: each op can cost a scheduler slice on a busy box).
+    """
     lse = torch.logaddexp(l1, l2)
-    w1 = torch.exp(l1 - lse).nan_to_num(0.0).unsqueeze(-1)
-    w2 = torch.exp(l2 - lse).nan_to_num(0.0).unsqueeze(-1)
-    return (o1 * w1 + o2 * w2).to(o1.dtype), lse
+    w1 = torch.exp(l1 - lse).to(o1.dtype).unsqueeze(-1)
+    return torch.lerp(o2.to(o1.dtype), o1, w1), lse
 
 
 def forward(
@@ -555,7 +586,9 @@ def forward(
         qg, kg, vg = _gather_group(ctx, grp, qp, kp, vp)
         bias, empty_rows = _group_mask(ctx, grp)
         if gen is not None:
-            keep = _keep_masks(gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p)
+            keep = _keep_masks(
+                gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p
+            )
             og, lg = _math_group(qg, kg, vg, bias, scale, keep, dropout_p)
         else:
             og, lg = _flash_fwd(qg, kg, vg, attn_mask=bias, scale=scale)
@@ -613,12 +646,16 @@ def backward(
         bias, _ = _group_mask(ctx, grp)
         gog = blk.gather_q(gop, grp)
         if gen is not None:
-            keep = _keep_masks(gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p)
+            keep = _keep_masks(
+                gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p
+            )
             dqg, dkg, dvg = _math_group_backward(qg, kg, vg, bias, scale, keep, dropout_p, gog)
         else:
             og = blk.gather_q(out_p, grp)
             lg = blk.gather_q(lse_p, grp).to(acc)
-            dqg, dkg, dvg = _flash_bwd(gog, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale)
+            dqg, dkg, dvg = _flash_bwd(
+                gog, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale
+            )
         if ctx.compat:  # drop the virtual key's gradients
             dkg, dvg = dkg[:, :, :-1], dvg[:, :, :-1]
         if plan.band is not None:
@@ -658,10 +695,14 @@ def dropout_keep_mask(
     key_pos = torch.arange(blk.nkb * block, dtype=torch.float64).view(1, 1, -1, 1)
     dense = torch.zeros(b, h, blk.nqb * block, blk.nkb * block, dtype=torch.bool)
     for grp in plan.groups:
-        kpos = blk.gather_kv(key_pos.expand(b, hkv, -1, 1).contiguous(), grp)[..., 0].long()  # [B, U*n, c*bs]
+        kpos = blk.gather_kv(key_pos.expand(b, hkv, -1, 1).contiguous(), grp)[
+            ..., 0
+        ].long()  # [B, U*n, c*bs]
         n_keys = kpos.shape[-1] + (1 if compat else 0)
         rows = blk.gather_q(torch.zeros(b, h, blk.nqb * block, 1), grp).shape[2]
-        keep = _keep_masks(gen, torch.Size((b, kpos.shape[1], rows, n_keys)), dropout_p)[..., : kpos.shape[-1]]
+        keep = _keep_masks(gen, torch.Size((b, kpos.shape[1], rows, n_keys)), dropout_p)[
+            ..., : kpos.shape[-1]
+        ]
         grid = torch.zeros(b, kpos.shape[1], rows, blk.nkb * block, dtype=torch.bool)
         grid.scatter_(3, kpos[:, :, None, :].expand(-1, -1, rows, -1), keep)
         blk.scatter_q(dense, grid, grp)

@@ -203,7 +203,9 @@ def _flex_forward(
 
     def blocks(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num, idx = _compress_rows(g)
-        idx = torch.nn.functional.pad(idx, (0, nkb - idx.shape[-1]))  # FlexAttention wants nKB columns
+        idx = torch.nn.functional.pad(
+            idx, (0, nkb - idx.shape[-1])
+        )  # FlexAttention wants nKB columns
         return num[None], idx[None]
 
     kv_num, kv_idx = blocks(partial)
@@ -234,7 +236,9 @@ def _validate(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     b, h, lq, d = q.shape
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k/v must be [B={b}, Hkv, Lk, D={d}], got {tuple(k.shape)}")

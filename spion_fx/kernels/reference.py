@@ -22,7 +22,9 @@ def layout_block_grid(layout: BlockLayout) -> torch.Tensor:
     nkb = layout.num_kv_blocks
     valid = torch.arange(maxk, device=layout.kv_indices.device) < layout.kv_num_blocks.unsqueeze(-1)
     # Padding slots go to a throw-away column so they cannot clear a real entry at column 0.
-    idx = torch.where(valid, layout.kv_indices.long(), torch.full_like(layout.kv_indices.long(), nkb))
+    idx = torch.where(
+        valid, layout.kv_indices.long(), torch.full_like(layout.kv_indices.long(), nkb)
+    )
     grid = torch.zeros(h, nqb, nkb + 1, dtype=torch.bool, device=layout.kv_indices.device)
     grid.scatter_(2, idx, True)
     return grid[..., :nkb]

@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 from spion_fx.capture import owning_module
-from spion_fx.passes.detect_linear import OpCall, match_linear, op_call, shape_of
+from spion_fx.passes.detect_linear import Dim, OpCall, match_linear, op_call, shape_of
 from spion_fx.passes.sites import AttentionSite, MaskKind
 
 Facts = dict[str, Any]
@@ -323,10 +323,14 @@ def _mask_ok(kind: str, mask: Any, scores_shape: tuple) -> bool:
         return False
     if (value.dtype == torch.bool) != (kind != "additive"):
         return False
-    try:
-        return torch.broadcast_shapes(shape, scores_shape) == scores_shape
-    except RuntimeError:
+    return _broadcasts_to(shape, scores_shape)
+
+
+def _broadcasts_to(shape: tuple[Dim, ...], target: tuple[Dim, ...]) -> bool:
+    """Whether `shape` broadcasts to `target` without growing it (works on symbolic dims)."""
+    if len(shape) > len(target):
         return False
+    return all(s == 1 or s == t for s, t in zip(shape[::-1], target[::-1]))
 
 
 def _scale_fields(f: Facts) -> Facts | None:
@@ -391,15 +395,25 @@ def _attention_shapes(
         return None
     if kb != qb:
         # Only GQA may differ, and only in the head dim: H_q a multiple of H_kv.
-        if not (gqa and rank == 4 and kb[0] == qb[0] and qb[1] % kb[1] == 0):
+        heads = (qb[-1], kb[-1]) if rank == 4 else (None, None)
+        if not (gqa and kb[0] == qb[0] and _ints(*heads) and heads[0] % heads[1] == 0):
             return None
     if scores is not None and shape_of(scores) != (*qb, L, S):
         return None
     heads, kv_heads = (qb[-1], kb[-1]) if rank == 4 else (_folded_heads(q, D), None)
     if rank == 3 and heads is not None:
         kv_heads = heads
-    return {"rank": rank, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": D,
-            "q_len": L, "kv_len": S}
+    return {"rank": rank, "num_heads": _int_or_none(heads), "num_kv_heads": _int_or_none(kv_heads),
+            "head_dim": _int_or_none(D), "q_len": _int_or_none(L), "kv_len": _int_or_none(S)}
+
+
+def _ints(*dims: Any) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def _int_or_none(dim: Any) -> int | None:
+    """Static sizes only: a symbolic length is unknown until run time."""
+    return dim if isinstance(dim, int) else None
 
 
 _VIEW_OPS = frozenset({"view", "reshape"})
@@ -414,6 +428,8 @@ def _folded_heads(q3: fx.Node, head_dim: int) -> int | None:
     Anything else: unknown (None).
     """
     bh = shape_of(q3)[0]
+    if not _ints(bh, head_dim):
+        return None
     node = q3
     for _ in range(6):
         call = op_call(node)
@@ -421,9 +437,11 @@ def _folded_heads(q3: fx.Node, head_dim: int) -> int | None:
             return None
         if call.op in _VIEW_OPS:
             src = shape_of(call.get("input"))
-            if src is not None and len(src) == 4 and src[-1] == head_dim and src[0] * src[1] == bh:
+            if src is None or not _ints(*src):
+                return None
+            if len(src) == 4 and src[-1] == head_dim and src[0] * src[1] == bh:
                 return src[1]
-            if src is not None and len(src) == 3 and src[-1] % head_dim == 0:
+            if len(src) == 3 and src[-1] % head_dim == 0:
                 heads = src[-1] // head_dim
                 if bh in (src[0] * heads, src[1] * heads):
                     return heads
@@ -441,7 +459,7 @@ def _unrepeated_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
     if call is None:
         return None
     if call.op == "repeat_interleave":
-        kv, reps = call.get("input"), call.get("repeats")
+        kv, reps = call.get("input"), call.get("repeats")  # reps: a python int, never a tensor
         shape = shape_of(kv)
         if shape is None or len(shape) != 4 or not isinstance(reps, int) or _norm_dim(call.get("dim"), 4) != 1:
             return None
@@ -460,7 +478,7 @@ def _unrepeated_kv(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
         return None
     b, h, s, d = src
     n = mid[2]
-    if shape_of(item.node) != (b, h, 1, s, d) or mid != (b, h, n, s, d) or dst != (b, h * n, s, d):
+    if not _ints(h, n) or shape_of(item.node) != (b, h, 1, s, d) or mid != (b, h, n, s, d) or dst != (b, h * n, s, d):
         return None
     for inner in (item.node, expand.node):
         if len(inner.users) != 1:
@@ -561,13 +579,26 @@ def _drafts(gm: fx.GraphModule) -> list[_Draft]:
         if call.op == "sdpa":
             draft = _sdpa_draft(call)
         elif call.op in ("matmul", "bmm"):
-            readings = [d for m in match_chain(node, EAGER_ATTENTION) if (d := _eager_draft(m))]
-            draft = readings[0] if len(readings) == 1 else None  # ambiguous: not a site
+            draft = _only_reading(node)
         else:
             continue
         if draft is not None:
             drafts.append(draft)
     return _without_overlaps(drafts)
+
+
+def _only_reading(node: fx.Node) -> _Draft | None:
+    """The eager site ending at `node`, if exactly one distinct reading validates.
+
+    Readings that differ only in which quantified step took a cast (cast after softmax vs cast
+    before the output) describe the same site and count once.
+    """
+    readings: dict[str, _Draft] = {}
+    for match in match_chain(node, EAGER_ATTENTION):
+        draft = _eager_draft(match)
+        if draft is not None:
+            readings[repr((draft.nodes, sorted(draft.fields.items())))] = draft
+    return next(iter(readings.values())) if len(readings) == 1 else None
 
 
 def _without_overlaps(drafts: list[_Draft]) -> list[_Draft]:

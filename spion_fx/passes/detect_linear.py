@@ -192,18 +192,30 @@ def example_value(node: Any) -> Any:
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
-def shape_of(node: Any, gm: fx.GraphModule | None = None) -> tuple[int, ...] | None:
-    """Static shape from Dynamo's fake example value (or, for get_attr, the attribute itself)."""
+Dim = int | str  # a static size, or a symbolic one as its sympy expression text ("s0", "4*s1")
+
+
+def shape_of(node: Any, gm: fx.GraphModule | None = None) -> tuple[Dim, ...] | None:
+    """Shape from Dynamo's fake example value (or, for get_attr, the attribute itself).
+
+    Symbolic sizes (dynamic shapes) are kept as expression text, never forced to an int: int()
+    on a SymInt would specialize the graph (a guard), and two different symbols with equal hints
+    must not compare equal. Equal text means provably equal; anything else compares unequal.
+    """
     value = example_value(node)
     if value is None and gm is not None and isinstance(node, fx.Node) and node.op == "get_attr":
         value = _get_attr(gm, node)
     shape = getattr(value, "shape", None)
     if shape is None:
         return None
-    try:
-        return tuple(int(s) for s in shape)
-    except TypeError:  # symbolic sizes we cannot read as ints
-        return None
+    return tuple(_dim(s) for s in shape)
+
+
+def _dim(size: Any) -> Dim:
+    if isinstance(size, torch.SymInt):
+        concrete = size.node.maybe_as_int()
+        return int(concrete) if concrete is not None else str(size.node.expr)
+    return int(size)
 
 
 def _get_attr(gm: fx.GraphModule, node: fx.Node) -> Any:
