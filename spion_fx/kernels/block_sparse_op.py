@@ -157,6 +157,8 @@ _compiled_flex = None
 def _use_flex(q, k, v, layout: BlockLayout, dropout_p: float, compat: str | None) -> bool:
     if q.device.type != "cpu" or dropout_p > 0 or compat is not None:
         return False
+    if torch.compiler.is_compiling():  # building the BlockMask reads tensor data: a graph break
+        return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     if q.dtype not in (torch.float32, torch.bfloat16):

@@ -42,8 +42,8 @@ def rewrite_sites(
             continue
         target = f"{prefix}_{site.kind}_{index}"
         gm.add_submodule(target, module)
-        args, kwargs = _call_arguments(site)
         with gm.graph.inserting_before(site.output):
+            args, kwargs = _call_arguments(gm.graph, site)
             node = gm.graph.call_module(target, args, kwargs)
         node.meta.update(site.output.meta)
         node.meta["spion_site"] = site.name
@@ -55,12 +55,17 @@ def rewrite_sites(
     return done
 
 
-def _call_arguments(site: Site) -> tuple[tuple, dict]:
+def _call_arguments(graph: fx.Graph, site: Site) -> tuple[tuple, dict]:
     if isinstance(site, AttentionSite):
         kwargs = {}
         if isinstance(site.scale, fx.Node):
             kwargs["scale"] = site.scale
-        return (site.q, site.k, site.v, site.mask), kwargs
+        mask = site.mask
+        # Further additive terms (T5: position bias + mask) fold into one additive mask, in the
+        # order the original chain added them.
+        for extra in getattr(site, "extra_masks", None) or ():
+            mask = extra if mask is None else graph.call_function(torch.add, (mask, extra))
+        return (site.q, site.k, site.v, mask), kwargs
     return (site.input, site.weight, site.bias), {}
 
 
