@@ -97,7 +97,7 @@ def _init_weights(module: nn.Module) -> None:
 class DemoConfig:
     """Everything a run depends on. The defaults are tuned for a 2-core CPU and ~5 minutes."""
 
-    steps: int = 110
+    steps: int = 200
     seq_len: int = 4096
     batch_size: int = 2
     d_model: int = 128
@@ -109,7 +109,7 @@ class DemoConfig:
     policy: str = "spion-cf"
     probe_interval: int = 10
     min_dense_steps: int = 30
-    max_dense_steps: int = 40  # the switch is guaranteed here even if the maps never settle
+    max_dense_steps: int | None = 40  # the switch is guaranteed here even if the maps never settle
     block_size: int = 64
     quantile: float = 0.98
     inner: str = "inductor"
@@ -127,7 +127,9 @@ class DemoConfig:
             return {"inner_compiler": self.inner}
         return {
             "probe_interval": self.probe_interval,
-            "min_dense_steps": self.min_dense_steps,
+            # `--max-dense-steps 8` alone should just work: the minimum follows it down.
+            "min_dense_steps": self.min_dense_steps if self.max_dense_steps is None
+            else min(self.min_dense_steps, self.max_dense_steps),
             "max_dense_steps": self.max_dense_steps,
             "block_size": self.block_size,
             "quantile": self.quantile,

@@ -54,7 +54,11 @@ def _register_block_reference(patterns: dict[int, torch.Tensor]) -> str:
         out = (probs @ v).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
 
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
     transformers.AttentionInterface.register("spion_block_reference", block_reference)
+    # without a mask function of its own, HF builds no padding mask for a custom implementation
+    AttentionMaskInterface.register("spion_block_reference", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return "spion_block_reference"
 
 
@@ -136,6 +140,7 @@ def test_spion_end_to_end(name):
 def test_checkpoint_after_switch_round_trips(tmp_path):
     torch.manual_seed(0)
     model, kwargs = zoo.build("gpt2", seq_len=SEQ, batch=2)
+    model.train()
     fresh = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     policy = dict(inner="aot_eager", block_size=BLOCK, probe_interval=2, quantile=0.6, max_dense_steps=4)

@@ -16,3 +16,16 @@ __all__ = [
     "dense_block_mask",
     "reference_attention",
 ]
+
+
+def _register_gpu_kernels() -> None:
+    """On a CUDA machine the op's CUDA implementation is the fused Triton kernel."""
+    import torch
+
+    if torch.cuda.is_available():
+        from .triton_registration import register_cuda_kernels
+
+        register_cuda_kernels()
+
+
+_register_gpu_kernels()
