@@ -47,7 +47,14 @@ def sparsify(
     setattr(model, STATE_ATTR, state)
     compiler = SpionCompiler(state, model=model)
     state.compiler = compiler
-    compiled_call = torch.compile(model._call_impl, backend=compiler, dynamic=False)
+    call_impl = model._call_impl
+
+    def run_model(*args: Any, **kwargs: Any) -> Any:
+        # A frame of ours at the top: Dynamo skips frames whose code lives in torch itself
+        # (nn.Sequential.forward, ...) but inlines into them from here.
+        return call_impl(*args, **kwargs)
+
+    compiled_call = torch.compile(run_model, backend=compiler, dynamic=False)
     state.count_steps = "optimizer" if optimizer is not None else "forward"
 
     def call(*args: Any, **kwargs: Any) -> Any:

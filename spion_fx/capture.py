@@ -107,7 +107,11 @@ def normalize_module_path(path: str) -> str:
     # L['self'].h[0] / ._modules['0'] / getattr(...) spellings -> dotted path
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
-    return path.strip(".")
+    path = path.strip(".")
+    # sparsify compiles a closure over the bound model._call_impl: its paths start at __self__
+    while path == "__self__" or path.startswith("__self__."):
+        path = path[len("__self__."):] if path != "__self__" else ""
+    return path
 
 
 def graph_break_reasons() -> dict[str, int]:

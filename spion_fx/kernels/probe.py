@@ -37,6 +37,9 @@ def attention_probe(
     with torch.no_grad():
         while mask is not None and mask.dim() < 4:
             mask = mask.unsqueeze(0)
+        if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
+            stats[1] += 1  # a diverging model must never trigger a switch
+            return
         visible, binary = visibility(mask, mask_kind, q.shape[0])
         b, h, lq, _ = q.shape
         lk, hk = k.shape[-2], k.shape[1]

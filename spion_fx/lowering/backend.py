@@ -59,6 +59,7 @@ class SpionCompiler:
 
         names = map_placeholders(gm, example_inputs, self._names_by_id)
         attention, linear = detect_sites(gm, names)
+        _qualify_site_names(attention, linear, len(self.records))
         record = GraphRecord(len(self.records), attention, linear, [])
         self._linear_modules = self._linear_modules_for(gm, example_inputs, linear, record)
         rewritten = rewrite_sites(gm, [*attention, *linear], lambda s: self._module_for(s, record))
@@ -108,6 +109,27 @@ class SpionCompiler:
             info = module.describe()
             record.decisions[name] = info.get("dense_reason") and f"dense: {info['dense_reason']}" or info.get("pattern", policy.method)
         return modules
+
+
+def _qualify_site_names(attention: list[AttentionSite], linear: list[LinearSite], index: int) -> None:
+    """Make site names full module paths even in graphs that Dynamo started in a submodule.
+
+    After a graph break Dynamo compiles the rest of a submodule's forward as its own frame, and
+    nn_module_stack paths are then relative to that submodule (``qkv``, or ``""`` for the
+    submodule itself). Parameter names are always absolute, so a linear site whose parameter is
+    ``blocks.1.qkv.weight`` and whose relative name is ``qkv`` reveals the prefix ``blocks.1.``.
+    """
+    prefixes = set()
+    for site in linear:
+        suffix = f"{site.name}.{site.weight_name.rsplit('.', 1)[-1]}" if site.name else site.weight_name.rsplit(".", 1)[-1]
+        if site.weight_name.endswith(suffix):
+            prefixes.add(site.weight_name[: len(site.weight_name) - len(suffix)])
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    for site in [*attention, *linear]:
+        if prefix and not (site.name + ".").startswith(prefix):
+            site.name = f"{prefix}{site.name}".rstrip(".")
+        if not site.name:
+            site.name = f"<graph {index}>"
 
 
 def attention_spec(site: AttentionSite) -> AttentionSpec | None:

@@ -44,6 +44,15 @@ class SparsityState(nn.Module):
         self.graph_records: list[Any] = []  # filled by the backend, for report() and inspect
         self._plan_step()
 
+    def forward(self, *args, **kwargs):
+        """Identity: the state holds data, it computes nothing.
+
+        It only exists because the state is a submodule of the user's model, and containers
+        such as nn.Sequential call every child in turn; passing the input through keeps them
+        working unchanged.
+        """
+        return args[0] if args else None
+
     # ---- sites ---------------------------------------------------------------------------
     def attention_site(self, spec: AttentionSpec) -> AttentionSiteModule:
         """The runtime module for an attention site, created on first sight and then reused."""
