@@ -164,3 +164,22 @@ def test_checkpoint_after_switch_round_trips(tmp_path):
     a = _train(model, kwargs, opt, 3, labels)
     b = _train(fresh, kwargs, fresh_opt, 3, labels)
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_per_head_patterns():
+    torch.manual_seed(0)
+    model, kwargs = zoo.build("gpt2", seq_len=SEQ, batch=2)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    spion_fx.sparsify(model, "spion-cf", optimizer=opt, inner="eager", block_size=BLOCK,
+                      probe_interval=2, quantile=0.6, max_dense_steps=4, per_head=True)
+    labels = kwargs["input_ids"] % 64
+    _train(model, kwargs, opt, 6, labels)
+    heads = model.config.n_head
+    for site in model.spion_state.attention_sites():
+        assert site.phase == "sparse" and site.pattern.shape == (heads, SEQ // BLOCK, SEQ // BLOCK)
+        assert all(site.pattern[h].diagonal().all() for h in range(heads))
+    model.eval()
+    with torch.no_grad():
+        out = _output(model(**kwargs))
+    assert torch.isfinite(out).all()

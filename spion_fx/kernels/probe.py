@@ -29,7 +29,7 @@ def attention_probe(
     scale: float,
     causal: bool,
 ) -> None:
-    """accum [Lq, Lk] += mean over batch and heads of softmax(q kᵀ·scale + mask, causal).
+    """accum [Lq, Lk] (or [H, Lq, Lk] per head) += mean over batch (and heads) of softmax(q kᵀ·scale + mask, causal).
 
     stats (float64 [3]): [batches accumulated, non-finite probes skipped, mask code (max seen)].
     mask: [B or 1, 1 or H, Lq, Lk] of kind MASK_KIND_* (bool keep, bool fill, additive float).
@@ -44,7 +44,8 @@ def attention_probe(
         b, h, lq, _ = q.shape
         lk, hk = k.shape[-2], k.shape[1]
         group = h // hk
-        total = torch.zeros(lq, lk, dtype=torch.float32, device=q.device)
+        per_head = accum.dim() == 3  # [H, Lq, Lk]: one map per head (per-head patterns)
+        total = torch.zeros(h if per_head else 1, lq, lk, dtype=torch.float32, device=q.device)
         causal_mask = None
         if causal:
             causal_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
@@ -60,8 +61,10 @@ def attention_probe(
                 if causal_mask is not None:
                     scores = scores.masked_fill(~causal_mask, float("-inf"))
                 probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-                total += probs
-        total /= b * h
+                total[hi if per_head else 0] += probs
+        total /= b if per_head else b * h
+        if not per_head:
+            total = total[0]
         if not torch.isfinite(total).all():
             stats[1] += 1
             return

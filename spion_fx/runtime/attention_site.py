@@ -100,7 +100,9 @@ class AttentionSiteModule(nn.Module):
     def ensure_probe_shape(self, q_len: int, kv_len: int) -> None:
         """Size the probe accumulators for the sequence length the probes will watch."""
         if self.probe_accum.numel() == 0:
-            self.probe_accum = torch.zeros(q_len, kv_len, device=self.phase_code.device)
+            heads = self.spec.num_heads if self.policy.per_head and self.spec.num_heads else None
+            shape = (heads, q_len, kv_len) if heads else (q_len, kv_len)
+            self.probe_accum = torch.zeros(shape, device=self.phase_code.device)
 
     def set_pattern(self, pattern: torch.Tensor, q_len: int, kv_len: int, step: int) -> None:
         self.pattern = pattern.to(device=self.phase_code.device, dtype=torch.bool)
@@ -133,7 +135,7 @@ class AttentionSiteModule(nn.Module):
     # ---- compute ---------------------------------------------------------------------------
     def forward(self, q, k, v, mask=None, scale=None):
         scale = self.spec.scale if scale is None else scale
-        if self.probing and tuple(self.probe_accum.shape) == (q.shape[-2], k.shape[-2]):
+        if self.probing and tuple(self.probe_accum.shape[-2:]) == (q.shape[-2], k.shape[-2]):
             self._probe(q, k, mask, scale)
         if self.phase == "sparse" and q.dim() == 4:
             return self._sparse(q, k, v, mask, scale)

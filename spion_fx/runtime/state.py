@@ -223,7 +223,7 @@ class SparsityState(nn.Module):
         checks, previous_distance, _ = site.stability.tolist()
         stable = False
         if site.previous_map.numel() == current.numel():
-            distance = torch.linalg.matrix_norm(current - site.previous_map).item()
+            distance = torch.linalg.vector_norm(current - site.previous_map).item()  # Frobenius
             if not math.isnan(previous_distance):
                 change = abs(distance - previous_distance) / previous_distance if previous_distance > 0 else (
                     0.0 if distance == 0 else math.inf)
@@ -246,9 +246,10 @@ class SparsityState(nn.Module):
         pattern = generate_pattern(
             attention_map, block_size=att.block_size, variant=att.variant, quantile=att.quantile,
             filter_size=att.filter_size, density=att.density, causal=causal,
+            per_head=attention_map.dim() == 3,
         )
         pattern = _broadcast_from_rank0(pattern)
-        q_len, kv_len = attention_map.shape
+        q_len, kv_len = attention_map.shape[-2:]
         site.set_pattern(pattern.unsqueeze(0) if pattern.dim() == 2 else pattern, q_len, kv_len, step)
         self.version += 1
         density = float(pattern.float().mean())
