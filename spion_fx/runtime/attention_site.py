@@ -58,6 +58,7 @@ class AttentionSiteModule(nn.Module):
         self.spec = spec
         self.policy = policy
         self.probing = False  # set by SparsityState for probe steps; part of the variant key
+        self.hsa_active = False  # MST's Hybrid Sparse Attention window; part of the variant key
         self.register_buffer("phase_code", torch.tensor(PHASE_DENSE, dtype=torch.long))
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("pattern", torch.zeros(0, 0, 0, dtype=torch.bool))
@@ -95,7 +96,14 @@ class AttentionSiteModule(nn.Module):
         return True, ""
 
     def variant_key(self) -> tuple:
-        return (self.phase, self.probing)
+        return (self.phase, self.probing, self.hsa_active)
+
+    @property
+    def supports_hsa(self) -> bool:
+        """HSA needs causal self-attention whose mask is known to be causal (+ padding)."""
+        if self.spec.cross_attention:
+            return False
+        return (self.spec.is_causal and self.spec.mask_kind == "none") or self._mask_code == probe_op.MASK_CAUSAL
 
     def ensure_probe_shape(self, q_len: int, kv_len: int) -> None:
         """Size the probe accumulators for the sequence length the probes will watch."""
@@ -139,6 +147,8 @@ class AttentionSiteModule(nn.Module):
             self._probe(q, k, mask, scale)
         if self.phase == "sparse" and q.dim() == 4:
             return self._sparse(q, k, v, mask, scale)
+        if self.hsa_active and q.dim() == 4 and q.shape[-2] == k.shape[-2]:
+            return self._hybrid_sparse(q, k, v, mask, scale)
         if self.spec.form == "sdpa":
             return self._dense_sdpa(q, k, v, mask, scale)
         return self._dense_eager(q, k, v, mask, scale)
@@ -183,6 +193,18 @@ class AttentionSiteModule(nn.Module):
         torch.ops.spion.attention_probe(
             self.probe_accum, self.probe_stats, q.detach(), k.detach(),
             None if mask is None else mask.detach(), _MASK_KINDS[self.spec.mask_kind], s, causal,
+        )
+
+    def _hybrid_sparse(self, q, k, v, mask, scale):
+        from spion_fx.kernels.hsa import hybrid_sparse_attention
+
+        key_padding = None
+        if mask is not None and self.spec.mask_kind != "none":
+            key_padding = _key_padding(mask, self.spec.mask_kind, q.shape[0])
+        local = self.policy.hsa_local if self.policy.hsa_mode == "local+strided" else 0
+        return hybrid_sparse_attention(
+            q, k, v, stride=self.policy.hsa_stride, local=local, scale=scale,
+            key_padding_mask=key_padding, dropout_p=self._dropout_p(),
         )
 
     def _sparse(self, q, k, v, mask, scale):

@@ -174,8 +174,15 @@ class SparsityState(nn.Module):
         att = self.policy.attention
         step = int(self.step)
         probe = att.method == "spion" and self.training and self._is_probe_step(step)
+        window = att.hsa_window
+        hsa = window is not None and self.training and window[0] <= step < window[1]
         for site in self.attention_sites():
-            site.probing = probe and site.phase == "dense" and site.can_be_sparse[0]
+            site.sync_from_buffers()
+            # HSA must know the mask is causal(+padding): probe once before the window to see it.
+            classify = window is not None and self.training and float(site.probe_stats[0]) == 0 and (
+                int(site.stability[0]) == 0 and step < window[1])
+            site.probing = (probe or classify) and site.phase == "dense" and site.can_be_sparse[0]
+            site.hsa_active = hsa and site.phase == "dense" and site.supports_hsa
 
     def _is_probe_step(self, step: int) -> bool:
         att = self.policy.attention
