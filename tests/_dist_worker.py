@@ -191,3 +191,24 @@ def run(rank: int, world: int, port: int, out_dir: str, scenarios: list[str]) ->
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def scenario_fsdp_sparsify_first(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2, the other order: sparsify the plain model, then fully_shard it."""
+    import spion_fx
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model, ids = global_batch()
+    mesh = init_device_mesh("cpu", (world,))
+    spion_fx.sparsify(model, "spion-cf", **SPION)  # steps counted by training forwards
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = train(model, opt, shard(ids, rank, world), FSDP_STEPS)
+    return {"losses": losses, **spion_summary(model.spion_state)}
+
+
+SCENARIOS["fsdp_sparsify_first"] = scenario_fsdp_sparsify_first
