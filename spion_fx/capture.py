@@ -141,17 +141,23 @@ def capture(
         )
         return gm.forward
 
+    breaks = run_once(model, collect, args, kwargs, dynamic=dynamic)
+    return CaptureResult(graphs, breaks)
+
+
+def run_once(
+    model: nn.Module, backend: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+    *, dynamic: bool | None = False,
+) -> list[str]:
+    """Compile `model` with `backend`, run one no-grad forward, return the graph-break reasons."""
     before = graph_break_reasons()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=collect, dynamic=dynamic)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)
     after = graph_break_reasons()
-    breaks = []
-    for reason, count in after.items():
-        breaks.extend([reason] * (count - before.get(reason, 0)))
     torch._dynamo.reset()
-    return CaptureResult(graphs, breaks)
+    return [reason for reason, count in after.items() for _ in range(count - before.get(reason, 0))]
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:

@@ -75,18 +75,10 @@ def _load_hf_directory(path: str, seq_len: int, batch: int) -> tuple[torch.nn.Mo
 
 def inspect_model(model: torch.nn.Module, args: tuple, kwargs: dict, policy: Policy) -> tuple[list[GraphRecord], list[str]]:
     """Run the spion machinery once (no grad, eager inner compiler) and return its records."""
-    from spion_fx.capture import graph_break_reasons
+    from spion_fx.capture import run_once
 
-    state = SparsityState(policy)
-    compiler = SpionCompiler(state, model=model, inner="eager")
-    before = graph_break_reasons()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=compiler, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    after = graph_break_reasons()
-    breaks = [r for r, n in after.items() for _ in range(n - before.get(r, 0))]
-    torch._dynamo.reset()
+    compiler = SpionCompiler(SparsityState(policy), model=model, inner="eager")
+    breaks = run_once(model, compiler, args, kwargs)
     return compiler.records, breaks
 
 

@@ -24,10 +24,10 @@ from spion_fx.kernels import BlockLayout, block_sparse_attention, reference_atte
 from spion_fx.runtime.pattern import generate_pattern
 
 FUZZ = settings(
-    max_examples=20, deadline=None, database=None,
+    max_examples=25, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-TRITON_FUZZ = settings(FUZZ, max_examples=8)
+TRITON_FUZZ = settings(FUZZ, max_examples=10)
 
 
 # ----------------------------------------------------------------------------------- cases
