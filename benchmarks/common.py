@@ -119,4 +119,4 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Iterable[st
         table.add_column(column)
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)

@@ -79,7 +79,8 @@ def spion_summary(state) -> dict[str, Any]:
             "map": site.previous_map.clone(),
         }
     events = [dict(e) for e in state.events if e.get("event") == "switch"]
-    return {"sites": sites, "events": events, "step": int(state.step)}
+    graphs = [sorted(record.decisions) for record in state.graph_records]
+    return {"sites": sites, "events": events, "step": int(state.step), "graphs": graphs}
 
 
 def run_single_spion(steps: int = SPION_STEPS) -> dict[str, Any]:
@@ -99,8 +100,9 @@ def run_single_spion(steps: int = SPION_STEPS) -> dict[str, Any]:
 
 def scenario_ddp_spion(rank: int, world: int) -> dict[str, Any]:
     """Recommended order: sparsify the inner module, then wrap it in DDP."""
-    import spion_fx
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import spion_fx
 
     torch.manual_seed(0)
     model, ids = global_batch()
@@ -113,8 +115,9 @@ def scenario_ddp_spion(rank: int, world: int) -> dict[str, Any]:
 
 def scenario_ddp_wrap_then_sparsify(rank: int, world: int) -> dict[str, Any]:
     """The other order: sparsify the DDP wrapper itself (Dynamo then compiles DDP.forward)."""
-    import spion_fx
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import spion_fx
 
     torch.manual_seed(0)
     model, ids = global_batch()
@@ -126,8 +129,9 @@ def scenario_ddp_wrap_then_sparsify(rank: int, world: int) -> dict[str, Any]:
 
 
 def scenario_ddp_nm(rank: int, world: int) -> dict[str, Any]:
-    import spion_fx
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import spion_fx
 
     torch.manual_seed(0)
     model, ids = global_batch(NM_SEQ)
@@ -143,21 +147,20 @@ def scenario_ddp_nm(rank: int, world: int) -> dict[str, Any]:
 
 
 def scenario_fsdp_spion(rank: int, world: int) -> dict[str, Any]:
-    """FSDP2: sparsify first, then fully_shard each block and the root."""
-    import spion_fx
+    """FSDP2: fully_shard each block and the root, then sparsify (the reverse order runs alike)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import spion_fx
 
     torch.manual_seed(0)
     model, ids = global_batch()
     mesh = init_device_mesh("cpu", (world,))
-    opt_params_later = []  # the optimizer must see the sharded (DTensor) parameters
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # over the sharded (DTensor) parameters
     spion_fx.sparsify(model, "spion-cf", optimizer=opt, **SPION)
-    del opt_params_later
     losses = train(model, opt, shard(ids, rank, world), FSDP_STEPS)
     return {"losses": losses, **spion_summary(model.spion_state)}
 
@@ -192,23 +195,3 @@ def run(rank: int, world: int, port: int, out_dir: str, scenarios: list[str]) ->
     finally:
         dist.destroy_process_group()
 
-
-def scenario_fsdp_sparsify_first(rank: int, world: int) -> dict[str, Any]:
-    """FSDP2, the other order: sparsify the plain model, then fully_shard it."""
-    import spion_fx
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model, ids = global_batch()
-    mesh = init_device_mesh("cpu", (world,))
-    spion_fx.sparsify(model, "spion-cf", **SPION)  # steps counted by training forwards
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = train(model, opt, shard(ids, rank, world), FSDP_STEPS)
-    return {"losses": losses, **spion_summary(model.spion_state)}
-
-
-SCENARIOS["fsdp_sparsify_first"] = scenario_fsdp_sparsify_first

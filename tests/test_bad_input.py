@@ -238,3 +238,25 @@ def test_sparsify_twice_is_one_line_error():
     with pytest.raises(ValueError, match="already sparsified") as info:
         spion_fx.sparsify(model, "spion-cf")
     assert "\n" not in str(info.value)
+
+
+class BreakBeforeAttention(TinyAttention):
+    def forward(self, x, bias=None):
+        torch._dynamo.graph_break()  # every block resumes in a frame of its own, shared code
+        return super().forward(x, bias)
+
+
+def test_graph_shared_by_repeated_blocks_keeps_one_site_per_block():
+    torch.manual_seed(0)
+    model = TinyModel(layers=3)
+    model.blocks = nn.ModuleList(BreakBeforeAttention() for _ in range(3))
+    reference = copy.deepcopy(model)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    spion_fx.sparsify(model, "spion-cf", optimizer=opt, **SPION)
+    ids = torch.randint(0, 64, (2, 32))
+    torch.testing.assert_close(model(ids), reference(ids), atol=1e-5, rtol=1e-5)
+    _train(model, opt, ids, 5)
+    sites = {s.spec.name: s for s in model.spion_state.attention_sites()}
+    assert set(sites) == {"blocks.0", "blocks.1", "blocks.2"}
+    assert all(s.phase == "sparse" for s in sites.values())

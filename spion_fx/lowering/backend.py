@@ -51,12 +51,22 @@ class SpionCompiler:
         # steps, so the first graph's runner counts training forwards instead.
         self.counts_forwards = counts_forwards
         self.inner = inner or state.policy.inner_compiler
+        self._model = model
         self._names_by_id = tensor_names(model) if model is not None else {}
         self.records: list[GraphRecord] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        runner = self.build(gm, example_inputs)
+        runner.counts_forwards = self.counts_forwards and len(self.records) == 1
+        return InstanceDispatcher(self, pristine, example_inputs, runner)
+
+    def build(self, gm: fx.GraphModule, example_inputs: list[Any]) -> VariantRunner:
+        """Detect, rewrite and wrap one graph for the module instance whose tensors it was given."""
         from spion_fx.passes.detect import detect_sites
 
+        if self._model is not None:  # parameters can be replaced (FSDP, to(), load): look again
+            self._names_by_id = tensor_names(self._model)
         names = map_placeholders(gm, example_inputs, self._names_by_id)
         attention, linear = detect_sites(gm, names)
         _qualify_site_names(attention, linear, len(self.records))
@@ -67,13 +77,29 @@ class SpionCompiler:
         record.graph_module = gm
         self.records.append(record)
         self.state.graph_records = self.records
-        runner = VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
-        runner.counts_forwards = self.counts_forwards and record.index == 0
-        return runner
+        return VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+
+    def _unresolved(self, name: str, record: GraphRecord) -> bool:
+        """A site whose module path does not exist in the model must not get state: its graph
+        may be shared by several modules (FSDP2 blocks), which would then share one pattern."""
+        if self._model is None:
+            return False
+        try:
+            self._model.get_submodule(name)
+            return False
+        except AttributeError:
+            record.decisions[name] = "dense: no unique module path (graph shared by several modules?)"
+            warnings.warn(
+                f"spion_fx: site {name!r} has no unique module path in the model (e.g. a graph "
+                "shared by FSDP2 blocks); it stays dense", stacklevel=3,
+            )
+            return True
 
     def _module_for(self, site: AttentionSite | LinearSite, record: GraphRecord) -> nn.Module | None:
         policy = self.state.policy
         if isinstance(site, AttentionSite):
+            if self._unresolved(site.name, record):
+                return None
             if not policy.attention.selects(site.name):
                 record.decisions[site.name] = "excluded by policy"
                 return None
@@ -100,6 +126,8 @@ class SpionCompiler:
                 record.decisions[site.name] = "dense (policy)" if site.role == "linear" else f"dense: {site.role}"
                 continue
             weight = values.get(site.weight.name)
+            if self._unresolved(site.name, record):
+                continue
             if not isinstance(weight, nn.Parameter):
                 record.decisions[site.name] = "dense: weight is not a parameter"
                 continue
@@ -215,6 +243,43 @@ class VariantRunner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return self.compile(gm, self.example_inputs)
+
+
+class InstanceDispatcher:
+    """Routes each call to the rewrite made for the module instance it serves.
+
+    Dynamo reuses one compiled graph for every instance of a module whose code it compiled as a
+    frame of its own (after a graph break inside a repeated block, or FSDP2's per-block graphs),
+    passing that instance's parameters as inputs. Sites carry per-layer state, so each instance
+    (told apart by the identity of its first parameter) gets its own rewrite of the graph.
+    """
+
+    MAX_INSTANCES = 64
+
+    def __init__(self, compiler: SpionCompiler, pristine: fx.GraphModule, example_inputs, primary: VariantRunner):
+        self.compiler = compiler
+        self.pristine = pristine
+        self.primary = primary
+        self.position = next((i for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)), None)
+        self.primary_key = id(example_inputs[self.position]) if self.position is not None else None
+        self.instances: dict[int, Callable[..., Any]] = {}
+        self.dense: Callable[..., Any] | None = None
+
+    def __call__(self, *args):
+        if self.position is None or id(args[self.position]) == self.primary_key:
+            return self.primary(*args)
+        key = id(args[self.position])
+        runner = self.instances.get(key)
+        if runner is None:
+            if len(self.instances) < self.MAX_INSTANCES:
+                graph = fx.GraphModule(self.pristine, copy.deepcopy(self.pristine.graph))
+                runner = self.instances[key] = self.compiler.build(graph, list(args))
+            else:  # parameters that change identity every call (sharded): never guess, run dense
+                if self.dense is None:
+                    warnings.warn("spion_fx: a graph is called with ever-new parameters; running it dense", stacklevel=2)
+                    self.dense = inner_compiler(self.compiler.inner)(self.pristine, list(args))
+                runner = self.dense
+        return runner(*args)
 
 
 def spion_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
