@@ -60,7 +60,14 @@ def sparsify(
     def call(*args: Any, **kwargs: Any) -> Any:
         if state.count_steps == "forward" and state.training and torch.is_grad_enabled():
             state.on_training_forward()
-        return compiled_call(*args, **kwargs)
+        try:
+            return compiled_call(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            # our own user-facing errors (bad checkpoint, bad policy) surface as themselves
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, (ValueError, TypeError)):
+                raise inner from None
+            raise
 
     model._compiled_call_impl = call
     if optimizer is not None:

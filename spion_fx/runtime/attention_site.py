@@ -132,6 +132,7 @@ class AttentionSiteModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes.
+        self._check_checkpoint_pattern(state_dict, prefix)
         for name in ("pattern", "probe_accum", "previous_map"):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
@@ -139,6 +140,25 @@ class AttentionSiteModule(nn.Module):
         self._layouts.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_from_buffers()
+
+    def _check_checkpoint_pattern(self, state_dict, prefix: str) -> None:
+        pattern, lengths = state_dict.get(prefix + "pattern"), state_dict.get(prefix + "pattern_len")
+        if pattern is None or lengths is None or pattern.numel() == 0:
+            return
+        bs = self.policy.block_size
+        want = (-(-int(lengths[0]) // bs), -(-int(lengths[1]) // bs))
+        if tuple(pattern.shape[-2:]) != want:
+            raise ValueError(
+                f"attention site {self.spec.name!r}: the checkpoint's pattern is "
+                f"{tuple(pattern.shape[-2:])} blocks for length {int(lengths[0])}, but this policy's "
+                f"block_size={bs} needs {want}; sparsify with the policy the checkpoint was trained with"
+            )
+        heads = pattern.shape[0]
+        if heads > 1 and self.spec.num_heads and heads != self.spec.num_heads:
+            raise ValueError(
+                f"attention site {self.spec.name!r}: the checkpoint has {heads} per-head patterns but "
+                f"this layer has {self.spec.num_heads} heads"
+            )
 
     # ---- compute ---------------------------------------------------------------------------
     def forward(self, q, k, v, mask=None, scale=None):

@@ -89,6 +89,18 @@ class SparsityState(nn.Module):
         self.version += 1
         return {name: controller.site(name) for name, *_ in sites}
 
+    def _check_pending(self) -> None:
+        """After a whole step every site exists: checkpoint entries still waiting are for sites
+        this model does not have (another model, or another policy's site selection)."""
+        if not self._pending:
+            return
+        sites = sorted({".".join(k.split(".")[:2]) for k in self._pending})
+        self._pending.clear()
+        raise ValueError(
+            f"the loaded spion_fx state has sites this model does not have: {', '.join(sites[:5])}"
+            f"{' …' if len(sites) > 5 else ''}; load a checkpoint of this model and policy"
+        )
+
     def _pending_linear(self) -> bool:
         return any(k.startswith("linear.") for k in self._pending)
 
@@ -163,6 +175,7 @@ class SparsityState(nn.Module):
 
     def on_step_end(self) -> None:
         """One optimizer step (or training forward) finished: update schedules and phases."""
+        self._check_pending()
         step = int(self.step)
         if self.policy.attention.method == "spion":
             self._attention_step_end(step)
