@@ -154,10 +154,20 @@ FLEX_NO_GRAD_MIN_ELEMENTS = 1024 * 1024
 _compiled_flex = None
 
 
+def _is_traced(*tensors: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(t) or torch._is_functional_tensor(t) for t in tensors) or (
+        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    )
+
+
 def _use_flex(q, k, v, layout: BlockLayout, dropout_p: float, compat: str | None) -> bool:
     if q.device.type != "cpu" or dropout_p > 0 or compat is not None:
         return False
-    if torch.compiler.is_compiling():  # building the BlockMask reads tensor data: a graph break
+    if torch.compiler.is_compiling() or _is_traced(q, layout.kv_num_blocks):
+        # building the BlockMask reads tensor data: impossible while Dynamo or AOT autograd
+        # traces (fake or functional tensors), so traced graphs keep the custom op
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
