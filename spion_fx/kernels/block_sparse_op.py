@@ -147,10 +147,11 @@ def block_sparse_attention(
     return out
 
 
-# No-grad CPU calls at least this large (Lq * Lk) go to compiled FlexAttention, which reads
-# blocks in place and beat the grouped kernel's forward ~2x at L=2048 (benchmarks/attention_cpu.py).
-# Smaller calls stay on the op: a FlexAttention compile per shape costs seconds.
-FLEX_NO_GRAD_MIN_ELEMENTS = 1024 * 1024
+# No-grad CPU calls at least this large (Lq * Lk) may go to compiled FlexAttention. Measured on a
+# quiet 2-core machine (benchmarks/attention_cpu.py, L=2048, 10 % blocks) the grouped kernel's
+# forward beats compiled FlexAttention (1.14x), and a FlexAttention compile per shape costs
+# seconds, so the route is off by default; set a size here to turn it on where Flex wins.
+FLEX_NO_GRAD_MIN_ELEMENTS = float("inf")
 _compiled_flex = None
 
 
