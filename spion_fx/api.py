@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -54,7 +55,7 @@ def sparsify(
         # (nn.Sequential.forward, ...) but inlines into them from here.
         return call_impl(*args, **kwargs)
 
-    compiled_call = torch.compile(run_model, backend=compiler, dynamic=False)
+    compiled_call = torch.compile(_own_code(run_model, id(state)), backend=compiler, dynamic=False)
     state.count_steps = "optimizer" if optimizer is not None else "forward"
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -73,6 +74,17 @@ def sparsify(
     if optimizer is not None:
         state.attach_optimizer(optimizer)
     return model
+
+
+def _own_code(function: Any, tag: int) -> Any:
+    """A copy of `function` with a code object of its own.
+
+    Dynamo keeps its compiled entries (and its recompile limit, 8 by default) per code object;
+    without this, every model sparsified in one process would share one code object and the
+    ninth would silently run uncompiled, i.e. dense.
+    """
+    code = function.__code__.replace(co_name=f"{function.__name__}_{tag:x}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
 def desparsify(model: nn.Module) -> nn.Module:

@@ -260,3 +260,19 @@ def test_graph_shared_by_repeated_blocks_keeps_one_site_per_block():
     sites = {s.spec.name: s for s in model.spion_state.attention_sites()}
     assert set(sites) == {"blocks.0", "blocks.1", "blocks.2"}
     assert all(s.phase == "sparse" for s in sites.values())
+
+
+def test_many_models_sparsified_in_one_process_all_compile():
+    # Dynamo's per-code-object recompile limit is 8: sparsify must not share one code object.
+    for _ in range(10):
+        torch.manual_seed(0)
+        model = TinyModel().train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        spion_fx.sparsify(model, "spion-cf", optimizer=opt, **SPION)
+        model.eval()
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 32)))
+        model.train()
+        model(torch.randint(0, 64, (2, 32))).sum().backward()
+        opt.step()
+        assert model.spion_state.graph_records, "the model ran without the spion backend"
