@@ -46,22 +46,28 @@ def attention_probe(
         group = h // hk
         per_head = accum.dim() == 3  # [H, Lq, Lk]: one map per head (per-head patterns)
         total = torch.zeros(h if per_head else 1, lq, lk, dtype=torch.float32, device=q.device)
-        causal_mask = None
+        # Masks become one additive bias per (batch, head) so each map costs a matmul, an
+        # in-place add and a softmax; scale is folded into q (D-sized, not L²-sized).
+        causal_bias = None
         if causal:
-            causal_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            causal_bias = torch.full((lq, lk), float("-inf"), device=q.device).triu_(1)
         for bi in range(b):
             for hi in range(h):
-                scores = (q[bi, hi].float() @ k[bi, hi // group].float().T) * scale
+                scores = (q[bi, hi].float() * scale) @ k[bi, hi // group].float().T
+                rows_may_be_empty = False
                 if visible is not None:
                     vis = visible[bi, hi if visible.shape[1] > 1 else 0]
                     if mask_kind == MASK_KIND_ADDITIVE and not binary:
                         bias = mask[bi if mask.shape[0] > 1 else 0, hi if mask.shape[1] > 1 else 0]
-                        scores = scores + bias.float()
-                    scores = scores.masked_fill(~vis, float("-inf"))
-                if causal_mask is not None:
-                    scores = scores.masked_fill(~causal_mask, float("-inf"))
-                probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-                total[hi if per_head else 0] += probs
+                        scores.add_(bias.float())
+                    scores.masked_fill_(~vis, float("-inf"))
+                    rows_may_be_empty = True
+                if causal_bias is not None:
+                    scores.add_(causal_bias)  # every causal row keeps its diagonal: never empty
+                probs = torch.softmax(scores, dim=-1)
+                if rows_may_be_empty:
+                    probs.nan_to_num_(0.0)
+                total[hi if per_head else 0].add_(probs)
         total /= b if per_head else b * h
         if not per_head:
             total = total[0]
