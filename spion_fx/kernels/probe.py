@@ -85,6 +85,16 @@ def _(accum, stats, q, k, mask, mask_kind, scale, causal) -> None:
     return None
 
 
+def visible_keys(mask: torch.Tensor, mask_kind: int) -> torch.Tensor:
+    """True where a mask of the given kind lets a query attend (tensor ops only: traceable)."""
+    if mask_kind == MASK_KIND_BOOL_KEEP:
+        return mask.bool()
+    if mask_kind == MASK_KIND_BOOL_FILL:
+        return ~mask.bool()
+    floor = torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else -1e30
+    return mask > floor  # HF writes finfo.min where a key is dropped
+
+
 def visibility(mask: torch.Tensor | None, mask_kind: int, batch: int) -> tuple[torch.Tensor | None, bool]:
     """(bool visibility [B, 1|H, Lq, Lk] or None, whether the mask is purely keep/drop).
 
@@ -93,14 +103,8 @@ def visibility(mask: torch.Tensor | None, mask_kind: int, batch: int) -> tuple[t
     """
     if mask is None or mask_kind == MASK_KIND_NONE:
         return None, True
-    if mask_kind == MASK_KIND_BOOL_KEEP:
-        vis, binary = mask.bool(), True
-    elif mask_kind == MASK_KIND_BOOL_FILL:
-        vis, binary = ~mask.bool(), True
-    else:
-        floor = torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else -1e30
-        dropped = mask <= floor
-        vis, binary = ~dropped, bool(((mask == 0) | dropped).all())
+    vis = visible_keys(mask, mask_kind)
+    binary = mask_kind != MASK_KIND_ADDITIVE or bool(((mask == 0) | ~vis).all())
     while vis.dim() < 4:
         vis = vis.unsqueeze(0)
     return vis.expand(batch, *vis.shape[1:]), binary

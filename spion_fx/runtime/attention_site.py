@@ -297,11 +297,4 @@ def _key_padding(mask: torch.Tensor, kind: str, batch: int) -> torch.Tensor:
     """
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    row = mask[:, 0, -1, :]
-    if kind == "bool_keep":
-        visible = row.bool()
-    elif kind == "bool_fill":
-        visible = ~row.bool()
-    else:
-        visible = row > torch.finfo(row.dtype).min / 2
-    return visible.expand(batch, -1)
+    return probe_op.visible_keys(mask[:, 0, -1, :], _MASK_KINDS[kind]).expand(batch, -1)
