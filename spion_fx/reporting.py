@@ -7,15 +7,8 @@ from typing import Any
 
 import torch
 
+from spion_fx.runtime.pattern import pattern_density
 from spion_fx.runtime.state import SparsityState
-
-
-def attention_flops(q_len: int, kv_len: int, heads: int, head_dim: int, density: float, causal: bool) -> float:
-    """Forward FLOPs of QKᵀ and PV for one sample (2·L²·D each), at a block density."""
-    dense = 4.0 * q_len * kv_len * heads * head_dim
-    if causal:
-        dense *= 0.5
-    return dense * density
 
 
 def build_report(state: SparsityState) -> list[dict[str, Any]]:
@@ -24,14 +17,8 @@ def build_report(state: SparsityState) -> list[dict[str, Any]]:
         ok, why = site.can_be_sparse
         density = 1.0
         saved = 0.0
-        causal = site.spec.is_causal or site._mask_code == 1
         if site.phase == "sparse" and site.pattern.numel():
-            grid = site.pattern
-            if causal:
-                lower = torch.ones(grid.shape[-2:], dtype=torch.bool, device=grid.device).tril()
-                density = float((grid & lower).sum()) / max(float(lower.sum()) * grid.shape[0], 1.0)
-            else:
-                density = float(grid.float().mean())
+            density = pattern_density(site.pattern, causal=site.causal)
             saved = 1.0 - density
         rows.append({
             "site": site.spec.name,

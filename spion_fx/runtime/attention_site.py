@@ -73,13 +73,18 @@ class AttentionSiteModule(nn.Module):
         # tensors while the compiler traces, so their values must be read before lowering.
         self._phase = PHASE_DENSE
         self._mask_code = probe_op.MASK_PADDING
-        self._layouts: dict[tuple, BlockLayout] = {}
+        self._built_layouts: set[tuple[int, int]] = set()  # (nQB, nKB) held in layout buffers
         self._warned_resize = False
 
     # ---- state -----------------------------------------------------------------------------
     @property
     def phase(self) -> str:
         return "sparse" if self._phase == PHASE_SPARSE else "dense"
+
+    @property
+    def causal(self) -> bool:
+        """Causal by flag, or by the mask the probes saw (HF often passes causal as a mask)."""
+        return self.spec.is_causal or self._mask_code == probe_op.MASK_CAUSAL
 
     def sync_from_buffers(self) -> None:
         """Refresh the Python mirrors after buffers changed outside forward (load, probes)."""
@@ -117,18 +122,18 @@ class AttentionSiteModule(nn.Module):
         self.pattern_len = torch.tensor([q_len, kv_len], dtype=torch.long, device=self.phase_code.device)
         self.phase_code.fill_(PHASE_SPARSE)
         self.switch_step.fill_(step)
-        self._layouts.clear()
+        self._built_layouts.clear()
         self.sync_from_buffers()
 
     def set_dense(self) -> None:
         self.phase_code.fill_(PHASE_DENSE)
-        self._layouts.clear()
+        self._built_layouts.clear()
         self.sync_from_buffers()
 
     def prepare_layout(self, q_len: int, kv_len: int) -> None:
         """Build the block layout for these lengths before the compiler traces forward()."""
         if self.phase == "sparse" and q_len == kv_len:
-            self._layout(q_len, kv_len, self.phase_code.device)
+            self._layout(q_len, kv_len)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes.
@@ -137,7 +142,7 @@ class AttentionSiteModule(nn.Module):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.phase_code.device))
-        self._layouts.clear()
+        self._built_layouts.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_from_buffers()
 
@@ -231,19 +236,18 @@ class AttentionSiteModule(nn.Module):
         from spion_fx.kernels import block_sparse_attention
 
         lq, lk = q.shape[-2], k.shape[-2]
-        layout = self._layout(lq, lk, q.device)
-        causal = self.spec.is_causal or self._mask_code == probe_op.MASK_CAUSAL
+        layout = self._layout(lq, lk)
         key_padding = None
         if mask is not None and self.spec.mask_kind != "none":
             key_padding = _key_padding(mask, self.spec.mask_kind, q.shape[0])
         return block_sparse_attention(
-            q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding,
+            q, k, v, layout, scale=scale, causal=self.causal, key_padding_mask=key_padding,
             dropout_p=self._dropout_p(), compat=self.policy.compat,
         )
 
     _LAYOUT_FIELDS = ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")
 
-    def _layout(self, lq: int, lk: int, device: torch.device) -> BlockLayout:
+    def _layout(self, lq: int, lk: int) -> BlockLayout:
         """The block layout for these lengths, held in non-persistent buffers.
 
         Buffers (not plain attributes) so that the compiler lifts them as graph inputs; they are
@@ -252,14 +256,14 @@ class AttentionSiteModule(nn.Module):
         bs = self.policy.block_size
         nq, nk = -(-lq // bs), -(-lk // bs)
         key = (nq, nk)
-        if key not in self._layouts:
+        if key not in self._built_layouts:
             pattern = self.pattern
             if pattern.shape[-2:] != (nq, nk):
                 pattern = self._resized(pattern, nq, nk)
             layout = BlockLayout.from_dense(pattern.to(self.phase_code.device), bs)
             for field_name in self._LAYOUT_FIELDS:
                 self.register_buffer(f"layout_{nq}x{nk}_{field_name}", getattr(layout, field_name), persistent=False)
-            self._layouts[key] = layout
+            self._built_layouts.add(key)
         names = [f"layout_{nq}x{nk}_{f}" for f in self._LAYOUT_FIELDS]
         return BlockLayout(*(getattr(self, n) for n in names), bs)
 

@@ -262,10 +262,9 @@ class SparsityState(nn.Module):
         if attention_map.numel() == 0:
             site.sync_from_buffers()
             return  # never probed (e.g. not in training): nothing to build a pattern from
-        causal = site.spec.is_causal or site._mask_code == 1
         pattern = generate_pattern(
             attention_map, block_size=att.block_size, variant=att.variant, quantile=att.quantile,
-            filter_size=att.filter_size, density=att.density, causal=causal,
+            filter_size=att.filter_size, density=att.density, causal=site.causal,
             per_head=attention_map.dim() == 3,
         )
         pattern = _broadcast_from_rank0(pattern)
