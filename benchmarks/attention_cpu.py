@@ -159,17 +159,9 @@ def run(quick: bool = False, threads: int | None = None) -> list[dict]:
 
 
 def _print(rows: list[dict]) -> None:
-    print(
-        f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, B=1 H=8 D=64 block=64"
-    )
-    header = f"{'case':<34} {'density':>8} {'baseline':>24} {'base ms':>9} {'spion ms':>9} {'speedup':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['case']:<34} {r['density']:>8.3f} {r['baseline']:>24} {r['baseline_ms']:>9.1f} "
-            f"{r['spion_ms']:>9.1f} {r['speedup']:>7.2f}x"
-        )
+    from common import machine_line, print_table
+
+    print_table(f"block-sparse attention, fp32, B=1 H=8 D=64 block 64 — {machine_line()}", rows, ("case", "density", "baseline", "baseline_ms", "spion_ms", "speedup"))
 
 
 if __name__ == "__main__":

@@ -87,17 +87,9 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32 input")
-    header = (
-        f"{'case':<26} {'density':>8} {'ours ms':>9} {'original ms':>12} {'ratio':>8} {'diff':>5}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['name']:<26} {r['density']:>8.3f} {r['ours_ms']:>9.1f} {r['original_ms']:>12.1f} "
-            f"{r['ratio']:>7.1f}x {r['differing_blocks']:>5}"
-        )
+    from common import machine_line, print_table
+
+    print_table(f"pattern generation, fp32 input — {machine_line()}", rows, ("name", "density", "ours_ms", "original_ms", "ratio", "differing_blocks"))
 
 
 if __name__ == "__main__":
