@@ -45,6 +45,26 @@ def test_matches_dense_reference(length, stride, local, padded):
         torch.testing.assert_close(got, exp, **tol)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_explicit_path_matches_reference(padded):
+    from spion_fx.kernels.hsa import _local_and_strided
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    visible = hsa_mask(37, 4, 6)[None, None]
+    kp = None
+    if padded:
+        kp = torch.ones(2, 37, dtype=torch.bool)
+        kp[1, -5:] = False
+        visible = visible & kp[:, None, None, :]
+    out = _local_and_strided(q, k, v, 4, 6, 0.3, kp, 0.0)
+    want = _reference(q, k, v, visible, 0.3)
+    torch.testing.assert_close(out, want)
+    grad = torch.randn_like(out)
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(got, exp)
+
+
 def test_local_and_strided_with_dropout_uses_the_explicit_path():
     torch.manual_seed(0)
     q = torch.randn(1, 2, 32, 8, dtype=torch.float64)

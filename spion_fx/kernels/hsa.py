@@ -89,47 +89,28 @@ def _strided(q, k, v, stride, scale, key_padding_mask, dropout_p):
 
 
 def _local_and_strided(q, k, v, stride, local, scale, key_padding_mask, dropout_p):
+    """The explicit form (used with dropout): own diagonal block plus `_rest_scores`' keys,
+    one softmax over both, dropout on the joint probabilities."""
     b, h, length, d = q.shape
-    device = q.device
-    # Local band: blocks of `local` queries see their own and the previous block.
     nb = -(-length // local)
     pad = nb * local - length
-    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, nb, local, d)
-    kp_full = F.pad(k, (0, 0, local, pad)).view(b, h, nb + 1, local, d)
-    vp_full = F.pad(v, (0, 0, local, pad)).view(b, h, nb + 1, local, d)
-    kb = torch.cat([kp_full[:, :, :-1], kp_full[:, :, 1:]], dim=3)  # [B, H, nb, 2·local, D]
-    vb = torch.cat([vp_full[:, :, :-1], vp_full[:, :, 1:]], dim=3)
-    local_scores = (qb @ kb.transpose(-1, -2)) * scale  # [B, H, nb, local, 2·local]
-    qpos = torch.arange(nb * local, device=device).view(nb, local, 1)
-    kpos = (torch.arange(-local, nb * local, device=device).unfold(0, 2 * local, local))[:nb].view(nb, 1, 2 * local)
-    local_visible = (qpos - kpos < local) & (qpos >= kpos) & (kpos >= 0) & (kpos < length)
+    qb, kb, vb = (F.pad(t, (0, 0, 0, pad)).view(b, h, nb, local, d) for t in (q, k, v))
+    own = (qb @ kb.transpose(-1, -2) * scale).reshape(b, h, nb * local, local)[:, :, :length]
+    pos = torch.arange(length, device=q.device)
+    key_pos = (pos // local * local).view(-1, 1) + torch.arange(local, device=q.device)  # [L, local]
+    own_visible = (key_pos <= pos.view(-1, 1)) & (key_pos < length)
     if key_padding_mask is not None:
-        kp = F.pad(key_padding_mask, (local, pad), value=False).unfold(1, 2 * local, local)[:, :nb]
-        local_visible = local_visible & kp[:, None, :, None, :]
-    local_scores = local_scores.masked_fill(~local_visible, float("-inf"))
-
-    # Strided keys further back than the band, per residue class.
-    qc, kc, vc = (_to_classes(t, stride) for t in (q, k, v))
-    n = qc.shape[-2]
-    strided_scores = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, stride, n, n]
-    steps_back = torch.arange(n, device=device).view(n, 1) - torch.arange(n, device=device).view(1, n)
-    strided_visible = steps_back * stride >= local  # also implies causal; excludes band keys
-    if key_padding_mask is not None:
-        strided_visible = strided_visible & _class_padding(key_padding_mask, stride)
-    strided_scores = strided_scores.masked_fill(~strided_visible, float("-inf"))
-
-    # One softmax over both key sets, laid out per query position.
-    local_flat = local_scores.reshape(b, h, nb * local, 2 * local)[:, :, :length]
-    strided_flat = strided_scores.transpose(2, 3).reshape(b, h, n * stride, n)[:, :, :length]
-    probs = torch.softmax(torch.cat([local_flat, strided_flat], dim=-1), dim=-1).nan_to_num(0.0)
+        kp = F.pad(key_padding_mask, (0, pad), value=False).view(b, nb, local)
+        own_visible = own_visible & kp.repeat_interleave(local, 1)[:, None, :length]
+    own = own.masked_fill(~own_visible, float("-inf"))
+    rest, values = _rest_scores(q, k, v, stride, local, scale, key_padding_mask)
+    probs = torch.softmax(torch.cat([own, rest], dim=-1), dim=-1).nan_to_num(0.0)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
-    local_probs, strided_probs = probs.split([2 * local, n], dim=-1)
-    local_probs = F.pad(local_probs, (0, 0, 0, pad)).view(b, h, nb, local, 2 * local)
-    out_local = (local_probs @ vb).reshape(b, h, nb * local, d)[:, :, :length]
-    strided_probs = F.pad(strided_probs, (0, 0, 0, n * stride - length)).view(b, h, n, stride, n).transpose(2, 3)
-    out_strided = _from_classes(strided_probs @ vc, length)
-    return out_local + out_strided
+    own_probs, rest_probs = probs.split([local, rest.shape[-1]], dim=-1)
+    own_probs = F.pad(own_probs, (0, 0, 0, pad)).view(b, h, nb, local, local)
+    out_own = (own_probs @ vb).reshape(b, h, nb * local, d)[:, :, :length]
+    return out_own + _rest_output(rest_probs, values)
 
 
 class _BlockDiagonalPlusRest(torch.autograd.Function):
