@@ -83,7 +83,7 @@ def source_parameter_name(node: fx.Node) -> str | None:
     text = source.name if isinstance(source.name, str) else source.name()
     if not text.startswith(("L['self']", 'L["self"]')) or not re.search(r"_(parameters|buffers)\[", text):
         return None
-    return _SOURCE_PART.sub(r".\1", text[len("L['self']"):]).strip(".")
+    return normalize_module_path(text)
 
 
 def owning_module(node: fx.Node) -> str | None:
@@ -99,13 +99,13 @@ def owning_module(node: fx.Node) -> str | None:
     return normalize_module_path(path)
 
 
-_SELF_PREFIX = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?|^self\.?")
+_SELF_PREFIX = re.compile(r"^L\[['\"][^'\"]+['\"]\]|^self(?=[.\[]|$)")  # the dot stays for _SOURCE_PART
 
 
 def normalize_module_path(path: str) -> str:
     path = _SELF_PREFIX.sub("", path)
-    # L['self'].h[0] / ._modules['0'] / getattr(...) spellings -> dotted path
-    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    # L['self'].h[0] / ._modules['0'] / ._parameters['weight'] spellings -> dotted path
+    path = _SOURCE_PART.sub(r".\1", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
     path = path.strip(".")
     # sparsify compiles a closure over the bound model._call_impl: its paths start at __self__
