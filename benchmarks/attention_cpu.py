@@ -8,9 +8,7 @@ rows for ``benchmarks/run_cpu.py``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import interleaved_medians  # noqa: E402
 
 from spion_fx.kernels import (  # noqa: E402
     BlockLayout,
@@ -40,20 +40,6 @@ def spion_like_layout(n_blocks: int, block: int, density: float, seed: int = 0) 
     return BlockLayout.from_dense(grid, block)
 
 
-def _median_times(fns: list[Callable[[], object]], reps: int, warmup: int = 1) -> list[float]:
-    """Median seconds of each function; calls are interleaved so load spikes hit all alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
-
-
 def _inputs(b: int, h: int, length: int, d: int) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
     return tuple(torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
@@ -73,7 +59,7 @@ def bench_training(length: int, density: float, causal: bool, reps: int) -> dict
     b, h, d, block = 1, 8, 64, 64
     layout = spion_like_layout(length // block, block, density)
     q, k, v = _inputs(b, h, length, d)
-    dense, sparse = _median_times(
+    dense, sparse = interleaved_medians(
         [
             _fwd_bwd(
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
@@ -117,7 +103,7 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
         )
 
     with torch.no_grad():
-        flex_ms, dense_ms, public_ms, op_ms = _median_times(
+        flex_ms, dense_ms, public_ms, op_ms = interleaved_medians(
             [
                 lambda: flex(q, k, v, block_mask=block_mask),
                 lambda: F.scaled_dot_product_attention(q, k, v),

@@ -41,6 +41,20 @@ def times(fn: Callable[[], object], reps: int = 5, warmup: int = 1, device: str 
     return result
 
 
+def interleaved_medians(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each function; calls are interleaved so load spikes hit all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    buckets: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, bucket in zip(fns, buckets):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in buckets]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()

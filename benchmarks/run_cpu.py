@@ -21,7 +21,7 @@ from common import ROOT, machine_description, markdown_table, print_table
 
 BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
 # Kernel-level first, then whole-model: the order the report reads best in.
-MODULES = ("attention_cpu", "pattern_generation", "nm_linear", "train_step", "probe_overhead", "quality")
+MODULES = ("attention_cpu", "hsa_cpu", "pattern_generation", "nm_linear", "train_step", "probe_overhead", "quality")
 
 
 def run_module(name: str, quick: bool) -> dict[str, Any]:

@@ -45,6 +45,22 @@ def test_matches_dense_reference(length, stride, local, padded):
         torch.testing.assert_close(got, exp, **tol)
 
 
+def test_device_generic_parts_match_reference(monkeypatch):
+    """Off CPU the window and strided parts run on the block-sparse op (lower-triangular layout,
+    several blocks at this length); that route is exercised here on CPU."""
+    import spion_fx.kernels.hsa as hsa
+
+    monkeypatch.setattr(hsa, "_fused_cpu", lambda q: False)
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 300, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = hybrid_sparse_attention(q, k, v, stride=4, local=8, scale=0.3)
+    want = _reference(q, k, v, hsa_mask(300, 4, 8)[None, None], 0.3)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    grad = torch.randn_like(out)
+    for got, exp in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_explicit_path_matches_reference(padded):
     from spion_fx.kernels.hsa import _local_and_strided

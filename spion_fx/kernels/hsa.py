@@ -7,15 +7,14 @@ Strided attention is causal attention inside each residue class p mod stride: re
 sequence to [stride, L/stride] turns it into `stride` independent causal problems of length
 L/stride, which PyTorch's fused SDPA (with its own backward) runs at L²/stride cost.
 
-Local+strided: with blocks of `local` tokens, the diagonal blocks (causal) lie inside every
-query's window and run on the block-sparse attention op; the rest of the window (in the previous
-block) and the strided keys further back are scored explicitly, O(L·(local + L/stride)), and the
-two partial attentions are merged exactly by their log-sum-exps (see _BlockDiagonalPlusRest).
-Keys the two sets share (p - k < local and a multiple of the stride) count once. Measured on CPU
-(L=2048, stride = local = 128, fwd+bwd): strided 8.3× faster than dense causal SDPA, but
-local+strided only 0.75× — the explicit part's small matmuls and copies cost more than the
-FLOPs they save at this length (benchmark before relying on it). With dropout the whole
-local+strided computation takes the explicit path (`_local_and_strided`).
+Local+strided splits every query's keys into three disjoint sets, each a causal attention that a
+fused kernel runs with its log-sum-exp: the diagonal blocks (block size = local) on the
+block-sparse attention op — the mask's block-level part —, the window's remainder in the
+previous block (causal after reversing the token order in both blocks), and the strided keys at
+least `local` back (causal inside each residue class, shifted). The parts merge exactly by their
+log-sum-exps (see _LocalPlusStrided). benchmarks/hsa_cpu.py measures both modes against dense
+causal SDPA. With dropout or key padding, local+strided takes the explicit path
+(`_local_and_strided`: one softmax over materialised scores).
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ def hybrid_sparse_attention(
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     if local == 0:
         return _strided(q, k, v, stride, scale, key_padding_mask, dropout_p)
-    if dropout_p == 0:
-        return _BlockDiagonalPlusRest.apply(q, k, v, stride, local, scale, key_padding_mask)
+    if dropout_p == 0 and key_padding_mask is None:
+        return _LocalPlusStrided.apply(q, k, v, stride, local, scale)
     return _local_and_strided(q, k, v, stride, local, scale, key_padding_mask, dropout_p)
 
 
@@ -59,8 +58,14 @@ def _to_classes(x: torch.Tensor, stride: int) -> torch.Tensor:
     """[B, H, L, D] -> [B, H, stride, n, D]: row r holds positions r, r + stride, r + 2·stride, …"""
     b, h, length, d = x.shape
     n = -(-length // stride)
-    x = F.pad(x, (0, 0, 0, n * stride - length))
+    x = _pad_rows(x, n * stride - length)
     return x.view(b, h, n, stride, d).transpose(2, 3)
+
+
+def _pad_rows(t: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
+    """t with `rows` rows of `fill` appended on the token axis (-2); t itself when rows is 0
+    (F.pad copies even then, and these tensors are the size of q)."""
+    return F.pad(t, (0, 0, 0, rows), value=fill) if rows else t
 
 
 def _from_classes(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -113,64 +118,195 @@ def _local_and_strided(q, k, v, stride, local, scale, key_padding_mask, dropout_
     return out_own + _rest_output(rest_probs, values)
 
 
-class _BlockDiagonalPlusRest(torch.autograd.Function):
-    """local+strided with its block-level part on the block-sparse op.
+class _LocalPlusStrided(torch.autograd.Function):
+    """local+strided as three disjoint key sets, each attended by a fused kernel, merged exactly.
 
-    The diagonal blocks (block size = local, causal) hold keys every query sees through its
-    window; they run on ``spion::block_sparse_attention``. The rest — the window's part in the
-    previous block and the strided keys further back — is scored explicitly. The two partial
-    attentions are merged by their log-sum-exps. Backward uses the split-KV identity: each part's
-    gradient is the ordinary attention backward on its keys given the *global* output and
-    log-sum-exp (the op's backward takes those; the explicit part is differentiated by autograd
-    through a surrogate whose gradient is exactly that formula).
+    With blocks of ``local`` tokens, query p = b·local + r sees (distance = p - key):
+    * distance 0..r — its own block, causal: the block-level part, on ``spion::block_sparse_attention``
+      with a diagonal layout;
+    * distance r+1..local-1 — the later keys of block b-1 (key offset j > r). Reversing the token
+      order inside both blocks turns "j > r" into "j' < r'", i.e. causal attention between the
+      first local-1 reversed queries and keys (see ``_PreviousBlock``);
+    * distances that are multiples of the stride and ≥ local — causal attention inside each
+      residue class, shifted by m = ⌈local/stride⌉ class positions (see ``_StridedBack``).
+    Each part returns its output and log-sum-exp; the exact result is their log-sum-exp-weighted
+    sum. Backward is the split-KV identity: each part's ordinary attention backward, given the
+    *global* output and log-sum-exp (the fused backwards take both).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, stride, local, scale, key_padding_mask):
+    def forward(ctx, q, k, v, stride, local, scale):
         from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
 
         layout = _diagonal_layout(q.shape[-2], local, q.device)
         seed = torch.zeros((), dtype=torch.int64)
-        out_a, lse_a = block_sparse_attention_fwd(
+        out_d, lse_d = block_sparse_attention_fwd(
             q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks,
-            layout.q_indices, local, float(scale), True, key_padding_mask, 0.0, seed, False,
+            layout.q_indices, local, float(scale), True, None, 0.0, seed, False,
         )  # fmt: skip
-        with torch.no_grad():
-            scores, values = _rest_scores(q, k, v, stride, local, scale, key_padding_mask)
-            lse_b = torch.logsumexp(scores, dim=-1)
-            lse = torch.logaddexp(lse_a.to(lse_b.dtype), lse_b)
-            out = out_a * torch.exp(lse_a - lse).unsqueeze(-1).to(q.dtype)
-            out = out + _rest_output(torch.exp(scores - lse.unsqueeze(-1)), values).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.layout, ctx.stride, ctx.local, ctx.scale = layout, stride, local, scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # merge precision
+        outs, lses = [out_d.to(acc)], [lse_d.to(acc)]
+        parts = [part for part in (_PreviousBlock(q, local), _StridedBack(q, stride, local)) if part.queries]
+        for part in parts:
+            o, lse_p = _causal_with_lse(part.gather_q(q), part.gather_kv(k), part.gather_kv(v), scale)
+            outs.append(part.place_q(o.to(acc)))
+            lses.append(part.place_q(lse_p.to(acc).unsqueeze(-1), float("-inf")).squeeze(-1))
+        lse = torch.logsumexp(torch.stack(lses), dim=0)
+        out = sum(o * torch.exp(lse_p - lse).unsqueeze(-1) for o, lse_p in zip(outs, lses)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.parts, ctx.local, ctx.scale = layout, parts, local, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
 
-        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         layout, seed = ctx.layout, torch.zeros((), dtype=torch.int64)
         grad_out = grad_out.contiguous()
         dq, dk, dv = block_sparse_attention_bwd(
-            grad_out, q, k, v, out, lse.float(), layout.kv_num_blocks, layout.kv_indices,
+            grad_out, q, k, v, out, lse, layout.kv_num_blocks, layout.kv_indices,
             layout.q_num_blocks, layout.q_indices, ctx.local, float(ctx.scale), True,
-            key_padding_mask, 0.0, seed, False,
+            None, 0.0, seed, False,
         )  # fmt: skip
-        with torch.enable_grad():
-            qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
-            scores, values = _rest_scores(qr, kr, vr, ctx.stride, ctx.local, ctx.scale, key_padding_mask)
-            probs = torch.exp(scores - lse.unsqueeze(-1))  # normalised by the global lse
-            delta = (grad_out * out).sum(-1, keepdim=True)
-            part = _rest_output(probs, values)
-            surrogate = (grad_out * part).sum() - (delta * probs).sum()
-            gq, gk, gv = torch.autograd.grad(surrogate, (qr, kr, vr))
-        return dq + gq, dk + gk, dv + gv, None, None, None, None
+        for part in ctx.parts:
+            # Padded query rows get lse = +inf: their probabilities are 0, so they add nothing.
+            lse_q = part.gather_q(lse.unsqueeze(-1), float("inf")).squeeze(-1)
+            gq, gk, gv = _causal_with_lse_backward(
+                part.gather_q(grad_out), part.gather_q(q), part.gather_kv(k), part.gather_kv(v),
+                part.gather_q(out), lse_q, ctx.scale,
+            )  # fmt: skip
+            dq = dq + part.place_q(gq)
+            dk = dk + part.place_kv(gk)
+            dv = dv + part.place_kv(gv)
+        return dq, dk, dv, None, None, None
+
+
+class _PreviousBlock:
+    """The window's keys in the previous block, as causal attention over token-reversed blocks.
+
+    Queries: rows 0..local-2 of blocks 1..nb-1, reversed (row r of block b -> position local-2-r);
+    keys: rows 1..local-1 of blocks 0..nb-2, reversed (row j -> local-1-j). Causal on the reversed
+    positions means local-1-j <= local-2-r, i.e. j > r. Blocks are flattened into the head axis.
+    """
+
+    def __init__(self, q: torch.Tensor, local: int):
+        self.length, self.local = q.shape[-2], local
+        self.blocks = -(-self.length // local)
+        self.queries = self.blocks > 1 and local > 1
+
+    def _blocked(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        b, h, _, d = t.shape
+        padded = _pad_rows(t, self.blocks * self.local - self.length, fill)
+        return padded.view(b, h, self.blocks, self.local, d)
+
+    @staticmethod
+    def _flat(x: torch.Tensor) -> torch.Tensor:
+        b, h, n, r, d = x.shape
+        return x.reshape(b, h * n, r, d)
+
+    def gather_q(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        return self._flat(self._blocked(t, fill)[:, :, 1:, : self.local - 1].flip(3))
+
+    def gather_kv(self, t: torch.Tensor) -> torch.Tensor:
+        return self._flat(self._blocked(t)[:, :, :-1, 1:].flip(3))
+
+    def _place(self, x: torch.Tensor, fill: float, blocks: slice, rows: slice) -> torch.Tensor:
+        b, _, _, d = x.shape
+        full = x.new_full((b, x.shape[1] // (self.blocks - 1), self.blocks, self.local, d), fill)
+        full[:, :, blocks, rows] = x.view(b, -1, self.blocks - 1, x.shape[2], d).flip(3)
+        return full.flatten(2, 3)[:, :, : self.length]
+
+    def place_q(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        return self._place(x, fill, slice(1, None), slice(0, self.local - 1))
+
+    def place_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return self._place(x, 0.0, slice(0, -1), slice(1, None))
+
+
+class _StridedBack:
+    """Strided keys at least ``local`` back: causal attention inside each residue class between
+    class positions m.. (queries) and 0..n-m-1 (keys), m = ⌈local/stride⌉; classes into heads."""
+
+    def __init__(self, q: torch.Tensor, stride: int, local: int):
+        self.length, self.stride = q.shape[-2], stride
+        self.n = -(-self.length // stride)
+        self.shift = -(-local // stride)
+        self.queries = self.n > self.shift
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, s, n, d = x.shape
+        return x.reshape(b, h * s, n, d)
+
+    def gather_q(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        padded = _pad_rows(t, self.n * self.stride - self.length, fill)
+        return self._flat(_to_classes(padded, self.stride)[:, :, :, self.shift :])
+
+    def gather_kv(self, t: torch.Tensor) -> torch.Tensor:
+        return self._flat(_to_classes(t, self.stride)[:, :, :, : self.n - self.shift])
+
+    def _classes(self, x: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, rows, d = x.shape
+        full = x.new_full((b, x.shape[1] // self.stride, self.stride, self.n, d), fill)
+        return full, x.view(b, -1, self.stride, rows, d)
+
+    def place_q(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        full, part = self._classes(x, fill)
+        full[:, :, :, self.shift :] = part
+        return _from_classes(full, self.length)
+
+    def place_kv(self, x: torch.Tensor) -> torch.Tensor:
+        full, part = self._classes(x, 0.0)
+        full[:, :, :, : self.n - self.shift] = part
+        return _from_classes(full, self.length)
+
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _fused_cpu(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu"
+
+
+def _causal_with_lse(q, k, v, scale):
+    """Causal attention with its log-sum-exp: PyTorch's fused CPU kernel on CPU, the block-sparse
+    op with a lower-triangular layout elsewhere (the Triton kernel on CUDA)."""
+    if _fused_cpu(q):
+        return _flash_fwd(q, k, v, 0.0, True, scale=scale)
+    from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
+
+    layout, block = _triangular_layout(q.shape[-2], q.device)
+    return block_sparse_attention_fwd(
+        q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices,
+        block, float(scale), True, None, 0.0, torch.zeros((), dtype=torch.int64), False,
+    )  # fmt: skip
+
+
+def _causal_with_lse_backward(grad_out, q, k, v, out, lse, scale):
+    if _fused_cpu(q):
+        lse = lse.to(torch.promote_types(q.dtype, torch.float32))
+        return _flash_bwd(grad_out.contiguous(), q, k, v, out, lse, 0.0, True, scale=scale)
+    from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
+
+    layout, block = _triangular_layout(q.shape[-2], q.device)
+    return block_sparse_attention_bwd(
+        grad_out.contiguous(), q, k, v, out, lse.float(), layout.kv_num_blocks, layout.kv_indices,
+        layout.q_num_blocks, layout.q_indices, block, float(scale), True, None, 0.0,
+        torch.zeros((), dtype=torch.int64), False,
+    )  # fmt: skip
 
 
 def _diagonal_layout(length: int, local: int, device) -> BlockLayout:
     blocks = -(-length // local)
     return BlockLayout.from_dense(torch.eye(blocks, dtype=torch.bool, device=device), local)
+
+
+def _triangular_layout(length: int, device) -> tuple[BlockLayout, int]:
+    block = 64
+    blocks = -(-length // block)
+    grid = torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
+    return BlockLayout.from_dense(grid, block), block
 
 
 def _rest_scores(q, k, v, stride, local, scale, key_padding_mask):
