@@ -61,11 +61,40 @@ def test_device_generic_parts_match_reference(monkeypatch):
         torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_explicit_path_matches_reference(padded):
-    from spion_fx.kernels.hsa import _local_and_strided
+def _dense_keep(out, q, k):
+    """The dense [B, H, L, L] dropout keep-mask a local+strided call drew (diagonal blocks from the
+    op's seeded generator, the two other parts from the masks the backward node holds)."""
+    from spion_fx.kernels import block_sparse_cpu
 
+    node = out.grad_fn
+    seed = node.saved_tensors[-1]
+    b, h, length, _ = q.shape
+    layout = node.layout
+    keep = block_sparse_cpu.dropout_keep_mask(
+        tuple(q.shape), tuple(k.shape), layout.kv_num_blocks, layout.kv_indices, node.local, True,
+        node.dropout_p, seed,
+    ).clone()
+    ids = (torch.arange(h).view(1, h, 1, 1) * length + torch.arange(length).view(1, 1, length, 1))
+    ids = ids.expand(b, h, length, 1).double()
+    for part, part_keep in zip(node.parts, node.keeps):
+        q_ids = part.gather_q(ids, -1.0)[..., 0].long()  # [B, H', rows]
+        k_ids = part.gather_kv(ids)[..., 0].long()  # [B, H', keys]
+        for bi in range(b):
+            rows_ok = q_ids[bi] >= 0
+            hh = (q_ids[bi] // length)[:, :, None].expand(-1, -1, k_ids.shape[-1])
+            qi = (q_ids[bi] % length)[:, :, None].expand_as(hh)
+            ki = (k_ids[bi] % length)[:, None, :].expand_as(hh)
+            sel = rows_ok[:, :, None].expand_as(hh) & torch.ones_like(hh, dtype=torch.bool).tril()
+            keep[bi, hh[sel], qi[sel], ki[sel]] = part_keep[bi][sel]
+    return keep
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dropout_matches_reference_with_the_same_keep_mask(padded):
+    """Dropout on the joint probabilities: output and gradients equal a dense reference that
+    applies the keep-mask the call drew (all three parts)."""
     torch.manual_seed(1)
+    p = 0.3
     q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     visible = hsa_mask(37, 4, 6)[None, None]
     kp = None
@@ -73,20 +102,18 @@ def test_explicit_path_matches_reference(padded):
         kp = torch.ones(2, 37, dtype=torch.bool)
         kp[1, -5:] = False
         visible = visible & kp[:, None, None, :]
-    out = _local_and_strided(q, k, v, 4, 6, 0.3, kp, 0.0)
-    want = _reference(q, k, v, visible, 0.3)
-    torch.testing.assert_close(out, want)
+    out = hybrid_sparse_attention(q, k, v, stride=4, local=6, scale=0.3, key_padding_mask=kp, dropout_p=p)
+    keep = _dense_keep(out, q, k)
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    scores = (qd @ kd.transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    want = (probs * keep / (1 - p)) @ vd
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     grad = torch.randn_like(out)
-    for got, exp in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
-        torch.testing.assert_close(got, exp)
-
-
-def test_local_and_strided_with_dropout_uses_the_explicit_path():
-    torch.manual_seed(0)
-    q = torch.randn(1, 2, 32, 8, dtype=torch.float64)
-    with torch.random.fork_rng():
-        out = hybrid_sparse_attention(q, q, q, stride=4, local=4, dropout_p=0.5)
-    assert torch.isfinite(out).all()
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    exp = torch.autograd.grad(want, (q, k, v), grad)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
 
 
 def test_block_level_part_runs_on_the_block_sparse_op(monkeypatch):

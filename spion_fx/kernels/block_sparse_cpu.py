@@ -29,6 +29,7 @@ recompute of that path.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -255,6 +256,32 @@ def get_plan(
 # ----------------------------------------------------------------------------- gathers / scatters
 
 
+class _Workspace(threading.local):
+    """Scratch buffers reused across kernel calls, one set per thread.
+
+    The gathered K/V blocks and row buffers live only inside one call. Allocating them fresh
+    each time costs a page fault per 4 KiB on first touch once glibc has handed the memory back
+    to the OS (measured here: ~0.4 ms per MB faulted vs ~0.05 ms per MB overwritten), tens of
+    milliseconds per training step at L=4096 — a large share of the sparse kernel's time and most
+    of its run-to-run variance. A buffer grows to the largest request and is kept.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):  # usable as out= in and outside inference mode
+                buf = torch.empty(numel, dtype=dtype)
+            self.buffers[(name, dtype)] = buf
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
 class _Blocks:
     """Flat block views of q-shaped and kv-shaped tensors for one call.
 
@@ -268,7 +295,7 @@ class _Blocks:
         self.g = h // hkv
         self.nqb, self.nkb = -(-lq // block), -(-lk // block)
         self.lq, self.lk = lq, lk
-        self._index_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index_cache: dict = {}
 
     def units(self) -> int:
         return self.hkv if self.shared else 1
@@ -311,11 +338,6 @@ class _Blocks:
         flat = self._q_rows(dst)
         flat.index_copy_(0, self.indices(grp)[0], src.reshape(-1, flat.shape[1]))
 
-    def scatter_add_q(self, dst: torch.Tensor, src: torch.Tensor, grp: RowGroup) -> None:
-        flat = self._q_rows(dst)
-        # index_put_(accumulate) measured ~2x faster than index_add_ for whole-row adds on CPU.
-        flat.index_put_((self.indices(grp)[0],), src.reshape(-1, flat.shape[1]), accumulate=True)
-
     def band_q(self, t: torch.Tensor, band: Band) -> torch.Tensor:
         """Contiguous q-shaped [B, H, Lq_pad, *tail] -> interior rows [B*Hkv, n, G*bs, *tail]."""
         tail = t.shape[3:]
@@ -355,18 +377,85 @@ class _Blocks:
             acc[:, first + slot : first + slot + rows] += w5[:, :, slot]
         return acc.view(self.b, self.hkv, self.nkb * bs, d)
 
-    def gather_kv(self, t: torch.Tensor, grp: RowGroup) -> torch.Tensor:
-        """Contiguous kv-shaped [B, Hkv, Lk_pad, D] -> [B, units*n, c*bs, D]."""
+    def gather_kv(self, t: torch.Tensor, grp: RowGroup, scratch: str | None = None) -> torch.Tensor:
+        """Contiguous kv-shaped [B, Hkv, Lk_pad, D] -> [B, units*n, c*bs, D] (into the named
+        workspace buffer when ``scratch`` is given: valid until the next gather into it)."""
         d = t.shape[-1]
-        rows = t.view(-1, self.block * d).index_select(0, self.indices(grp)[1])
+        flat, index = t.view(-1, self.block * d), self.indices(grp)[1]
+        if scratch is None:
+            rows = flat.index_select(0, index)
+        else:
+            rows = _WORKSPACE.take(scratch, (index.numel(), flat.shape[1]), t.dtype)
+            with torch.no_grad():  # out= refuses inputs that require grad (direct calls in tests)
+                torch.index_select(flat, 0, index, out=rows)
         return rows.view(self.b, -1, grp.count * self.block, d)
 
     def scatter_add_kv(self, dst: torch.Tensor, src: torch.Tensor, grp: RowGroup) -> None:
-        flat = dst.view(-1, self.block * dst.shape[-1])
-        flat.index_put_((self.indices(grp)[1],), src.reshape(-1, flat.shape[1]), accumulate=True)
+        """Add [B, units*n, c*bs, D] block gradients onto kv-shaped [B, Hkv, Lk_pad, D].
+
+        One index_add_ per slot along the (kv head, block) axis: the fused backward returns its
+        gradients in [B, keys, rows, D] memory order, which a flat dim-0 add would first have to
+        copy (measured: half the time, and no fresh buffer of the gathered size)."""
+        d = dst.shape[-1]
+        blocks = dst.view(self.b, self.hkv * self.nkb, self.block, d)
+        for slot, index in enumerate(self.slot_indices(grp)):
+            blocks.index_add_(1, index, src[:, :, slot * self.block : (slot + 1) * self.block])
+
+    def slot_indices(self, grp: RowGroup) -> torch.Tensor:
+        """[c, units*n]: kv (head, block) index of each row's slot, batch excluded."""
+        key = ("slots", id(grp))
+        hit = self._index_cache.get(key)
+        if hit is None:
+            if self.shared:
+                base = torch.arange(self.hkv).view(-1, 1) * self.nkb + grp.kv_block.view(1, -1)
+            else:
+                base = grp.kv_head * self.nkb + grp.kv_block
+            hit = base.reshape(-1, grp.count).t().contiguous()
+            self._index_cache[key] = hit
+        return hit
 
     def _q_len(self) -> int:
         return (self.g if self.shared else 1) * self.block
+
+
+class _GroupRows:
+    """Every group's query rows gathered by one index_select, in group order.
+
+    Each group then reads (and writes) a contiguous slice instead of gathering and scattering
+    q, out, lse and dO on its own: on a 2-core machine the per-op cost of ~6 small gathers per
+    group was a visible share of the kernel. Within a slice rows are in ``_Blocks.indices``'
+    (batch, unit, row, G') order, so a slice views as the group's [B, units*n, G'*bs, ...].
+    """
+
+    def __init__(self, blk: _Blocks, groups: tuple[RowGroup, ...]):
+        self.blk = blk
+        index = [blk.indices(grp)[0] for grp in groups]
+        self.index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        ends = torch.tensor([i.numel() for i in index], dtype=torch.long).cumsum(0).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))
+
+    def gather(self, t: torch.Tensor, scratch: str) -> torch.Tensor:
+        """q-shaped [B, H, Lq_pad, *tail] (contiguous) -> [rows, bs * prod(tail)], in the named
+        workspace buffer (valid until the next use of that name)."""
+        flat = self.blk._q_rows(t)
+        out = _WORKSPACE.take(scratch, (self.index.numel(), flat.shape[1]), t.dtype)
+        with torch.no_grad():
+            return torch.index_select(flat, 0, self.index, out=out)
+
+    def empty(self, tail: tuple[int, ...], dtype: torch.dtype, scratch: str) -> torch.Tensor:
+        """An uninitialised [rows, bs * prod(tail)] workspace buffer."""
+        return _WORKSPACE.take(scratch, (self.index.numel(), self.blk.block * math.prod(tail)), dtype)
+
+    def group(self, flat: torch.Tensor, i: int, tail: tuple[int, ...]) -> torch.Tensor:
+        start, end = self.bounds[i]
+        return flat[start:end].view(self.blk.b, -1, self.blk._q_len(), *tail)
+
+    def scatter(self, dst: torch.Tensor, flat: torch.Tensor, accumulate: bool = False) -> None:
+        rows = self.blk._q_rows(dst)
+        if accumulate:
+            rows.index_add_(0, self.index, flat)
+        else:
+            rows.index_copy_(0, self.index, flat)
 
 
 def _trim(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -477,15 +566,13 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------- forward / backward
 
 
-def _gather_group(
-    ctx: _CallContext, grp: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-):
+def _gather_kv(ctx: _CallContext, grp: RowGroup, k: torch.Tensor, v: torch.Tensor):
     blk = ctx.blocks
-    qg, kg, vg = blk.gather_q(q, grp), blk.gather_kv(k, grp), blk.gather_kv(v, grp)
+    kg, vg = blk.gather_kv(k, grp, "k"), blk.gather_kv(v, grp, "v")
     if ctx.compat:  # the virtual key: zero key (its logit comes from the mask), zero value
         kg = F.pad(kg, (0, 0, 0, 1))
         vg = F.pad(vg, (0, 0, 0, 1))
-    return qg, kg, vg
+    return kg, vg
 
 
 def _math_group(
@@ -576,14 +663,14 @@ def forward(
     ctx = _make_context(q, k, block, causal, key_padding_mask, compat, plan.shared)
     blk = ctx.blocks
     qp, kp, vp = blk.pad_q(q), blk.pad_kv(k), blk.pad_kv(v)
-    if plan.band is not None:
-        out, lse = _band_forward(blk, plan.band, qp, kp, vp, scale)
-    else:
-        out = q.new_zeros(b, h, blk.nqb * block, d)
-        lse = torch.full((b, h, blk.nqb * block), float("-inf"), dtype=_lse_dtype(q.dtype))
+    rows = _GroupRows(blk, plan.groups)
+    q_rows = rows.gather(qp, "q")
+    out_rows = rows.empty((d,), q.dtype, "out")
+    lse_rows = rows.empty((), _lse_dtype(q.dtype), "lse")
     gen = _generator(seed) if dropout_p > 0 else None
-    for grp in plan.groups:
-        qg, kg, vg = _gather_group(ctx, grp, qp, kp, vp)
+    for i, grp in enumerate(plan.groups):
+        qg = rows.group(q_rows, i, (d,))
+        kg, vg = _gather_kv(ctx, grp, kp, vp)
         bias, empty_rows = _group_mask(ctx, grp)
         if gen is not None:
             keep = _keep_masks(
@@ -592,13 +679,22 @@ def forward(
             og, lg = _math_group(qg, kg, vg, bias, scale, keep, dropout_p)
         else:
             og, lg = _flash_fwd(qg, kg, vg, attn_mask=bias, scale=scale)
-        lg = lg.to(lse.dtype)
         if empty_rows is not None:
             lg = lg.masked_fill(empty_rows, float("-inf"))
-        if plan.band is not None:
-            og, lg = _merge_partial(blk.gather_q(out, grp), blk.gather_q(lse, grp), og, lg)
-        blk.scatter_q(out, og, grp)
-        blk.scatter_q(lse, lg, grp)
+        rows.group(out_rows, i, (d,)).copy_(og)
+        rows.group(lse_rows, i, ()).copy_(lg)
+    if plan.band is not None:
+        out, lse = _band_forward(blk, plan.band, qp, kp, vp, scale)
+        merged, lse_rows = _merge_partial(
+            rows.gather(out, "band_out").view(-1, block, d), rows.gather(lse, "band_lse"),
+            out_rows.view(-1, block, d), lse_rows,
+        )
+        out_rows = merged.view(-1, block * d)
+    else:
+        out = q.new_zeros(b, h, blk.nqb * block, d)
+        lse = torch.full((b, h, blk.nqb * block), float("-inf"), dtype=_lse_dtype(q.dtype))
+    rows.scatter(out, out_rows)
+    rows.scatter(lse, lse_rows)
     return _trim(out, lq), _trim(lse, lq).float()
 
 
@@ -640,38 +736,54 @@ def backward(
         dq = q.new_zeros(b, h, blk.nqb * block, d)
         dk = torch.zeros(b, hkv, blk.nkb * block, d, dtype=acc)
         dv = torch.zeros(b, hkv, blk.nkb * block, d, dtype=acc)
+    rows = _GroupRows(blk, plan.groups)
+    q_rows, go_rows = rows.gather(qp, "q"), rows.gather(gop, "grad_out")
+    out_rows, lse_rows = rows.gather(out_p, "out"), rows.gather(lse_p.to(acc), "lse")
+    dq_rows = rows.empty((d,), q.dtype, "dq")
     gen = _generator(seed) if dropout_p > 0 else None
-    for grp in plan.groups:
-        qg, kg, vg = _gather_group(ctx, grp, qp, kp, vp)
+    for i, grp in enumerate(plan.groups):
+        qg, gog = rows.group(q_rows, i, (d,)), rows.group(go_rows, i, (d,))
+        kg, vg = _gather_kv(ctx, grp, kp, vp)
         bias, _ = _group_mask(ctx, grp)
-        gog = blk.gather_q(gop, grp)
+        og, lg = rows.group(out_rows, i, (d,)), rows.group(lse_rows, i, ())
         if gen is not None:
             keep = _keep_masks(
                 gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p
             )
-            dqg, dkg, dvg = _math_group_backward(qg, kg, vg, bias, scale, keep, dropout_p, gog)
+            dqg, dkg, dvg = _math_group_backward(
+                qg, kg, vg, bias, scale, keep, dropout_p, gog, og, lg
+            )
         else:
-            og = blk.gather_q(out_p, grp)
-            lg = blk.gather_q(lse_p, grp).to(acc)
             dqg, dkg, dvg = _flash_bwd(
                 gog, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale
             )
         if ctx.compat:  # drop the virtual key's gradients
             dkg, dvg = dkg[:, :, :-1], dvg[:, :, :-1]
-        if plan.band is not None:
-            blk.scatter_add_q(dq, dqg, grp)
-        else:
-            blk.scatter_q(dq, dqg, grp)
+        rows.group(dq_rows, i, (d,)).copy_(dqg)
         blk.scatter_add_kv(dk, dkg.to(acc), grp)
         blk.scatter_add_kv(dv, dvg.to(acc), grp)
+    rows.scatter(dq, dq_rows, accumulate=plan.band is not None)
     return _trim(dq, lq), _trim(dk, lk).to(k.dtype), _trim(dv, lk).to(v.dtype)
 
 
-def _math_group_backward(qg, kg, vg, bias, scale, keep, dropout_p, gog):
+def _math_group_backward(qg, kg, vg, bias, scale, keep, dropout_p, gog, og, lg):
+    """Backward of the dropout path given the *global* output ``og`` and log-sum-exp ``lg``.
+
+    Differentiates a surrogate whose gradient is the softmax-with-dropout backward
+    dS = P ⊙ (dP̃ - rowsum(dO ⊙ O)), P normalised by ``lg``: exact for this group's keys alone and
+    when the keys are split over several calls (the band, or HSA's other parts).
+    """
     with torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (qg, kg, vg))
-        og, _ = _math_group(qg, kg, vg, bias, scale, keep, dropout_p)
-        return torch.autograd.grad(og, (qg, kg, vg), gog)
+        acc = torch.promote_types(qg.dtype, torch.float32)
+        s = torch.matmul(qg, kg.transpose(-1, -2)).to(acc) * scale
+        if bias is not None:
+            s = s + bias
+        p = torch.exp(s - lg.unsqueeze(-1))
+        part = torch.matmul((p * keep / (1.0 - dropout_p)).to(vg.dtype), vg)
+        delta = (gog.to(acc) * og.to(acc)).sum(-1, keepdim=True)
+        surrogate = (gog * part).sum() - (delta * p).sum()
+        return torch.autograd.grad(surrogate, (qg, kg, vg))
 
 
 def dropout_keep_mask(

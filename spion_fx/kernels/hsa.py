@@ -7,14 +7,14 @@ Strided attention is causal attention inside each residue class p mod stride: re
 sequence to [stride, L/stride] turns it into `stride` independent causal problems of length
 L/stride, which PyTorch's fused SDPA (with its own backward) runs at L²/stride cost.
 
-Local+strided splits every query's keys into three disjoint sets, each a causal attention that a
-fused kernel runs with its log-sum-exp: the diagonal blocks (block size = local) on the
-block-sparse attention op — the mask's block-level part —, the window's remainder in the
-previous block (causal after reversing the token order in both blocks), and the strided keys at
-least `local` back (causal inside each residue class, shifted). The parts merge exactly by their
-log-sum-exps (see _LocalPlusStrided). benchmarks/hsa_cpu.py measures both modes against dense
-causal SDPA. With dropout or key padding, local+strided takes the explicit path
-(`_local_and_strided`: one softmax over materialised scores).
+Local+strided splits every query's keys into three disjoint sets, each a causal attention with
+its log-sum-exp: the diagonal blocks (block size = local) on the block-sparse attention op — the
+mask's block-level part —, the window's remainder in the previous block (causal after reversing
+the token order in both blocks), and the strided keys at least `local` back (causal inside each
+residue class, shifted). The parts merge exactly by their log-sum-exps (see _LocalPlusStrided);
+without dropout or key padding the two small parts run fused, else on their materialised
+O(L·local) and O(L²/stride) scores. benchmarks/hsa_cpu.py measures both modes against dense
+causal SDPA.
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ def hybrid_sparse_attention(
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     if local == 0:
         return _strided(q, k, v, stride, scale, key_padding_mask, dropout_p)
-    if dropout_p == 0 and key_padding_mask is None:
-        return _LocalPlusStrided.apply(q, k, v, stride, local, scale)
-    return _local_and_strided(q, k, v, stride, local, scale, key_padding_mask, dropout_p)
+    return _LocalPlusStrided.apply(q, k, v, stride, local, scale, key_padding_mask, float(dropout_p))
 
 
 def _to_classes(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -93,93 +91,137 @@ def _strided(q, k, v, stride, scale, key_padding_mask, dropout_p):
     return _from_classes(out, length)
 
 
-def _local_and_strided(q, k, v, stride, local, scale, key_padding_mask, dropout_p):
-    """The explicit form (used with dropout): own diagonal block plus `_rest_scores`' keys,
-    one softmax over both, dropout on the joint probabilities."""
-    b, h, length, d = q.shape
-    nb = -(-length // local)
-    pad = nb * local - length
-    qb, kb, vb = (F.pad(t, (0, 0, 0, pad)).view(b, h, nb, local, d) for t in (q, k, v))
-    own = (qb @ kb.transpose(-1, -2) * scale).reshape(b, h, nb * local, local)[:, :, :length]
-    pos = torch.arange(length, device=q.device)
-    key_pos = (pos // local * local).view(-1, 1) + torch.arange(local, device=q.device)  # [L, local]
-    own_visible = (key_pos <= pos.view(-1, 1)) & (key_pos < length)
-    if key_padding_mask is not None:
-        kp = F.pad(key_padding_mask, (0, pad), value=False).view(b, nb, local)
-        own_visible = own_visible & kp.repeat_interleave(local, 1)[:, None, :length]
-    own = own.masked_fill(~own_visible, float("-inf"))
-    rest, values = _rest_scores(q, k, v, stride, local, scale, key_padding_mask)
-    probs = torch.softmax(torch.cat([own, rest], dim=-1), dim=-1).nan_to_num(0.0)
-    if dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
-    own_probs, rest_probs = probs.split([local, rest.shape[-1]], dim=-1)
-    own_probs = F.pad(own_probs, (0, 0, 0, pad)).view(b, h, nb, local, local)
-    out_own = (own_probs @ vb).reshape(b, h, nb * local, d)[:, :, :length]
-    return out_own + _rest_output(rest_probs, values)
-
-
 class _LocalPlusStrided(torch.autograd.Function):
-    """local+strided as three disjoint key sets, each attended by a fused kernel, merged exactly.
+    """local+strided as three disjoint key sets, each attended separately, merged exactly.
 
     With blocks of ``local`` tokens, query p = b·local + r sees (distance = p - key):
     * distance 0..r — its own block, causal: the block-level part, on ``spion::block_sparse_attention``
-      with a diagonal layout;
+      with a diagonal layout (key padding and dropout included);
     * distance r+1..local-1 — the later keys of block b-1 (key offset j > r). Reversing the token
       order inside both blocks turns "j > r" into "j' < r'", i.e. causal attention between the
       first local-1 reversed queries and keys (see ``_PreviousBlock``);
     * distances that are multiples of the stride and ≥ local — causal attention inside each
       residue class, shifted by m = ⌈local/stride⌉ class positions (see ``_StridedBack``).
     Each part returns its output and log-sum-exp; the exact result is their log-sum-exp-weighted
-    sum. Backward is the split-KV identity: each part's ordinary attention backward, given the
-    *global* output and log-sum-exp (the fused backwards take both).
+    sum. Dropout on the joint probabilities splits the same way (each part drops its own
+    probabilities). Backward is the split-KV identity: each part's attention backward given the
+    *global* output and log-sum-exp. The two small parts run fused (with their log-sum-exp) when
+    there is neither dropout nor key padding, else as explicit causal attention on their
+    O(L·local) and O(L²/stride) scores.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, stride, local, scale):
+    def forward(ctx, q, k, v, stride, local, scale, key_padding_mask, dropout_p):
         from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
 
         layout = _diagonal_layout(q.shape[-2], local, q.device)
-        seed = torch.zeros((), dtype=torch.int64)
+        if dropout_p > 0:
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        else:
+            seed = torch.zeros((), dtype=torch.int64)
         out_d, lse_d = block_sparse_attention_fwd(
             q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks,
-            layout.q_indices, local, float(scale), True, None, 0.0, seed, False,
+            layout.q_indices, local, float(scale), True, key_padding_mask, dropout_p, seed, False,
         )  # fmt: skip
         acc = torch.promote_types(q.dtype, torch.float32)  # merge precision
-        outs, lses = [out_d.to(acc)], [lse_d.to(acc)]
+        outs, lses, keeps = [out_d.to(acc)], [lse_d.to(acc)], []
         parts = [part for part in (_PreviousBlock(q, local), _StridedBack(q, stride, local)) if part.queries]
+        fused = dropout_p == 0 and key_padding_mask is None
         for part in parts:
-            o, lse_p = _causal_with_lse(part.gather_q(q), part.gather_kv(k), part.gather_kv(v), scale)
+            qp, kp, vp = part.gather_q(q), part.gather_kv(k), part.gather_kv(v)
+            if fused:
+                o, lse_p = _causal_with_lse(qp, kp, vp, scale)
+                keeps.append(None)
+            else:
+                keep = None
+                if dropout_p > 0:
+                    keep = torch.rand(qp.shape[:-1] + (kp.shape[-2],), device=q.device) >= dropout_p
+                keeps.append(keep)
+                visible = _part_visibility(part, key_padding_mask, q.shape[1])
+                o, lse_p, _ = _explicit_causal(qp, kp, vp, scale, visible, keep, dropout_p)
             outs.append(part.place_q(o.to(acc)))
             lses.append(part.place_q(lse_p.to(acc).unsqueeze(-1), float("-inf")).squeeze(-1))
         lse = torch.logsumexp(torch.stack(lses), dim=0)
-        out = sum(o * torch.exp(lse_p - lse).unsqueeze(-1) for o, lse_p in zip(outs, lses)).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.parts, ctx.local, ctx.scale = layout, parts, local, scale
+        seen = torch.isfinite(lse)  # a query whose keys are all padding gets 0, as SDPA's users expect
+        weights = [torch.where(seen, torch.exp(lse_p - lse), 0.0).unsqueeze(-1) for lse_p in lses]
+        out = sum(o * w for o, w in zip(outs, weights)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+        ctx.layout, ctx.parts, ctx.keeps = layout, parts, keeps
+        ctx.local, ctx.scale, ctx.dropout_p, ctx.fused = local, scale, dropout_p, fused
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
 
-        q, k, v, out, lse = ctx.saved_tensors
-        layout, seed = ctx.layout, torch.zeros((), dtype=torch.int64)
+        q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+        layout = ctx.layout
         grad_out = grad_out.contiguous()
         dq, dk, dv = block_sparse_attention_bwd(
             grad_out, q, k, v, out, lse, layout.kv_num_blocks, layout.kv_indices,
             layout.q_num_blocks, layout.q_indices, ctx.local, float(ctx.scale), True,
-            None, 0.0, seed, False,
+            key_padding_mask, ctx.dropout_p, seed, False,
         )  # fmt: skip
-        for part in ctx.parts:
-            # Padded query rows get lse = +inf: their probabilities are 0, so they add nothing.
-            lse_q = part.gather_q(lse.unsqueeze(-1), float("inf")).squeeze(-1)
-            gq, gk, gv = _causal_with_lse_backward(
-                part.gather_q(grad_out), part.gather_q(q), part.gather_kv(k), part.gather_kv(v),
-                part.gather_q(out), lse_q, ctx.scale,
-            )  # fmt: skip
-            dq = dq + part.place_q(gq)
-            dk = dk + part.place_kv(gk)
-            dv = dv + part.place_kv(gv)
-        return dq, dk, dv, None, None, None
+        # Rows that saw nothing (and padded query rows) get lse = +inf: probabilities 0, no gradient.
+        lse_safe = lse.masked_fill(~torch.isfinite(lse), float("inf"))
+        if ctx.fused:
+            for part in ctx.parts:
+                gq, gk, gv = _causal_with_lse_backward(
+                    part.gather_q(grad_out), part.gather_q(q), part.gather_kv(k), part.gather_kv(v),
+                    part.gather_q(out), _part_lse(part, lse_safe), ctx.scale,
+                )  # fmt: skip
+                dq = dq + part.place_q(gq)
+                dk = dk + part.place_kv(gk)
+                dv = dv + part.place_kv(gv)
+            return dq, dk, dv, None, None, None, None, None
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            surrogate = 0.0
+            for part, keep in zip(ctx.parts, ctx.keeps):
+                visible = _part_visibility(part, key_padding_mask, q.shape[1])
+                qp, kp, vp = part.gather_q(leaves[0]), part.gather_kv(leaves[1]), part.gather_kv(leaves[2])
+                # The part's attention with the global normaliser: its gradient is the split-KV one.
+                part_out, _, probs = _explicit_causal(
+                    qp, kp, vp, ctx.scale, visible, keep, ctx.dropout_p, _part_lse(part, lse_safe)
+                )
+                surrogate = surrogate + (part.gather_q(grad_out) * part_out).sum()
+                surrogate = surrogate - (part.gather_q(delta) * probs).sum()
+            gq, gk, gv = torch.autograd.grad(surrogate, leaves)
+        return dq + gq, dk + gk, dv + gv, None, None, None, None, None
+
+
+def _part_lse(part, lse: torch.Tensor) -> torch.Tensor:
+    """The global log-sum-exp at a part's query rows; padded rows +inf."""
+    return part.gather_q(lse.unsqueeze(-1), float("inf")).squeeze(-1)
+
+
+def _part_visibility(part, key_padding_mask: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """Key padding in a part's layout: [B, H', 1, keys] bool, or None."""
+    if key_padding_mask is None:
+        return None
+    b, length = key_padding_mask.shape
+    mask = key_padding_mask[:, None, :, None].to(torch.float32).expand(b, heads, length, 1)
+    return (part.gather_kv(mask) > 0.5).transpose(-1, -2)
+
+
+def _explicit_causal(q, k, v, scale, visible, keep, dropout_p, lse=None):
+    """Causal attention on materialised scores: (output, lse, probabilities before dropout).
+
+    With ``lse`` given, probabilities are normalised by it instead of their own log-sum-exp (the
+    split-KV form the backward differentiates)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q @ k.transpose(-1, -2)).to(acc) * scale
+    n_q, n_k = scores.shape[-2:]
+    mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+    if visible is not None:
+        mask = mask & visible
+    scores = scores.masked_fill(~mask, float("-inf"))
+    own = torch.logsumexp(scores, dim=-1)
+    norm = own if lse is None else lse
+    probs = torch.exp(scores - norm.masked_fill(~torch.isfinite(norm), float("inf")).unsqueeze(-1))
+    dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
+    return (dropped.to(v.dtype) @ v), own, probs
 
 
 class _PreviousBlock:
@@ -307,54 +349,6 @@ def _triangular_layout(length: int, device) -> tuple[BlockLayout, int]:
     blocks = -(-length // block)
     grid = torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
     return BlockLayout.from_dense(grid, block), block
-
-
-def _rest_scores(q, k, v, stride, local, scale, key_padding_mask):
-    """Scores of every key outside the query's own diagonal block, per query position.
-
-    Per query p: the window keys in the previous block (key > p - local) and the strided keys at
-    least `local` back. Returns the scores [B, H, L, local + n] and what `_rest_output` needs to
-    apply probabilities without materialising per-query copies of the values.
-    """
-    b, h, length, d = q.shape
-    device = q.device
-    nb = -(-length // local)
-    pad = nb * local - length
-    pos = torch.arange(length, device=device)
-    prev_k = F.pad(k, (0, 0, local, pad)).view(b, k.shape[1], nb + 1, local, d)[:, :, :nb]
-    prev_v = F.pad(v, (0, 0, local, pad)).view(b, v.shape[1], nb + 1, local, d)[:, :, :nb]
-    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, nb, local, d)
-    prev = (qb @ prev_k.transpose(-1, -2) * scale).reshape(b, h, nb * local, local)[:, :, :length]
-    key_pos = (torch.arange(nb, device=device).view(nb, 1) - 1) * local + torch.arange(local, device=device)
-    key_pos = key_pos.repeat_interleave(local, 0)[:length]  # [L, local]
-    prev_visible = (key_pos >= 0) & (pos.view(-1, 1) - key_pos < local)
-    if key_padding_mask is not None:
-        kp = F.pad(key_padding_mask, (local, pad), value=False).view(b, nb + 1, local)[:, :nb]
-        prev_visible = prev_visible & kp.repeat_interleave(local, 1)[:, None, :length]
-    prev = prev.masked_fill(~prev_visible, float("-inf"))
-
-    qc, kc, vc = (_to_classes(t, stride) for t in (q, k, v))
-    n = qc.shape[-2]
-    strided = qc @ kc.transpose(-1, -2) * scale  # [B, H, stride, n, n]
-    back = torch.arange(n, device=device).view(n, 1) - torch.arange(n, device=device).view(1, n)
-    visible = back * stride >= local
-    if key_padding_mask is not None:
-        visible = visible & _class_padding(key_padding_mask, stride)
-    strided = strided.masked_fill(~visible, float("-inf"))
-    strided = strided.transpose(2, 3).reshape(b, h, n * stride, n)[:, :, :length]
-    return torch.cat([prev, strided], dim=-1), (prev_v, vc, local, stride, n, length)
-
-
-def _rest_output(probs: torch.Tensor, values: tuple) -> torch.Tensor:
-    """probs [B, H, L, local + n] (from _rest_scores' layout) applied to their values."""
-    prev_v, vc, local, stride, n, length = values
-    b, h = probs.shape[:2]
-    nb = prev_v.shape[2]
-    p_prev, p_strided = probs.split([local, n], dim=-1)
-    p_prev = F.pad(p_prev, (0, 0, 0, nb * local - length)).view(b, h, nb, local, local)
-    out_prev = (p_prev @ prev_v).reshape(b, h, nb * local, -1)[:, :, :length]
-    p_strided = F.pad(p_strided, (0, 0, 0, n * stride - length)).view(b, h, n, stride, n).transpose(2, 3)
-    return out_prev + _from_classes(p_strided @ vc, length)
 
 
 def hsa_mask(length: int, stride: int, local: int = 0, device=None) -> torch.Tensor:
