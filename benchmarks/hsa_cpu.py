@@ -54,11 +54,34 @@ def bench(length: int, stride: int, local: int, reps: int) -> list[dict]:
     return rows
 
 
+def bench_dropout(length: int, stride: int, local: int, p: float, reps: int) -> dict:
+    """Attention dropout in training (GPT-2's default 0.1): the two small parts run explicitly."""
+    b, h, d = 1, 8, 64
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
+    dense, hsa = interleaved_medians(
+        [
+            _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p), q, k, v),
+            _fwd_bwd(lambda q, k, v: hybrid_sparse_attention(q, k, v, stride=stride, local=local, dropout_p=p), q, k, v),
+        ],
+        reps,
+    )
+    mask = hsa_mask(length, stride, local)
+    return {
+        "case": f"fwd+bwd L={length} local+strided stride={stride} local={local} dropout={p}",
+        "keys/causal keys": round(mask.sum().item() / (length * (length + 1) / 2), 4),
+        "causal_sdpa_ms": dense * 1e3,
+        "hsa_ms": hsa * 1e3,
+        "speedup": dense / hsa,
+    }
+
+
 def run(quick: bool = False) -> list[dict]:
     reps = 3 if quick else 7
     rows = bench(2048, 128, 128, reps)
     if not quick:
         rows += bench(4096, 128, 128, 5)
+        rows.append(bench_dropout(2048, 128, 128, 0.1, 5))
     return rows
 
 
