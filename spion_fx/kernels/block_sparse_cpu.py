@@ -23,7 +23,12 @@ global out/lse: the softmax gradient splits over disjoint key sets given those, 
 recomputed and window gradients are folded back onto dK/dV.
 Dropout needs the probabilities, so it takes a plain matmul/softmax path whose keep-mask comes
 from a generator seeded by ``seed``; the backward regenerates the same mask and differentiates a
-recompute of that path.
+surrogate whose gradient is the split-KV formula too (global out and lse), so the op composes
+with attention over other key sets (HSA's parts).
+
+Memory traffic is what the fused calls leave: every group's query rows are gathered once
+(``_GroupRows``), gathered blocks live in a per-thread workspace (fresh memory page-faults on
+first touch), and dK/dV are accumulated with ``index_add_`` per slot.
 """
 
 from __future__ import annotations
