@@ -295,3 +295,21 @@ def test_no_grad_flex_route_matches_reference(monkeypatch):
         out = block_sparse_attention(q, k, v, layout, causal=True, key_padding_mask=kpm)
     ref, _ = reference_attention(q, k, v, layout, None, True, kpm)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_workspace_reuse_across_inference_mode_and_size_cap(monkeypatch):
+    """Gathers go through a per-thread scratch workspace: results must not depend on whether it
+    is reused, first allocated under inference mode, or bypassed above its size cap."""
+    from spion_fx.kernels import block_sparse_cpu
+
+    monkeypatch.setattr(block_sparse_cpu, "_WORKSPACE", block_sparse_cpu._Workspace())
+    layout = random_layout(1, nblocks(37), nblocks(37), 0.4, seed=3)
+    q, k, v = make_inputs(2, 4, 2, 37, 37, 8, dtype=torch.float32, seed=3)
+    with torch.inference_mode():
+        first = block_sparse_attention(q, k, v, layout)
+    second = block_sparse_attention(q, k, v, layout)  # reuses inference-mode-created buffers
+    torch.testing.assert_close(second, first)
+    assert_matches_reference(q, k, v, layout, tol=1e-5)
+    monkeypatch.setattr(block_sparse_cpu._Workspace, "MAX_RETAINED_BYTES", 0)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout), first)
+    assert_matches_reference(q, k, v, layout, tol=1e-5)

@@ -268,14 +268,19 @@ class _Workspace(threading.local):
     each time costs a page fault per 4 KiB on first touch once glibc has handed the memory back
     to the OS (measured here: ~0.4 ms per MB faulted vs ~0.05 ms per MB overwritten), tens of
     milliseconds per training step at L=4096 — a large share of the sparse kernel's time and most
-    of its run-to-run variance. A buffer grows to the largest request and is kept.
+    of its run-to-run variance. A buffer grows to the largest request and is kept, up to
+    ``MAX_RETAINED_BYTES`` per buffer (larger requests get fresh memory that is not kept).
     """
+
+    MAX_RETAINED_BYTES = 256 * 2**20
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
+        if numel * dtype.itemsize > self.MAX_RETAINED_BYTES:
+            return torch.empty(shape, dtype=dtype)
         buf = self.buffers.get((name, dtype))
         if buf is None or buf.numel() < numel:
             with torch.inference_mode(False):  # usable as out= in and outside inference mode
