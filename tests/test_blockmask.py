@@ -99,3 +99,16 @@ def test_flex_attention_matches_reference(layout_heads):
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
     ref = p @ v.double()
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_traceable_constructors_equal_from_dense(n):
+    grids = {
+        "diagonal": torch.eye(n, dtype=torch.bool),
+        "lower_triangular": torch.ones(n, n, dtype=torch.bool).tril(),
+    }
+    for kind, grid in grids.items():
+        built, want = getattr(BlockLayout, kind)(n, 4), BlockLayout.from_dense(grid, 4)
+        for field in ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices"):
+            got, exp = getattr(built, field), getattr(want, field)
+            assert got.dtype == exp.dtype and torch.equal(got, exp), (kind, field)

@@ -168,3 +168,30 @@ def test_hsa_window_in_training():
     torch.testing.assert_close(outs[0], dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[3], dense, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outs[1], dense, atol=1e-3)
+
+
+def test_hsa_window_under_aot_autograd_with_dropout():
+    """The HSA window traced by AOT autograd (what the default inductor inner compiler does):
+    layouts are built by traceable ops, dropout's keep masks and seeds are drawn in the graph."""
+    import spion_fx
+    from spion_fx import zoo
+
+    torch.manual_seed(0)
+    model, kwargs = zoo.build("gpt2", seq_len=32)
+    for module in model.modules():
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout.p = 0.1
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    spion_fx.sparsify(model, "mst-hsa", optimizer=opt, inner="aot_eager", hsa_window=(0, 5),
+                      hsa_stride=4, hsa_mode="local+strided", hsa_local=4, total_steps=10)
+    for _ in range(2):
+        out = model(**kwargs).logits
+        assert torch.isfinite(out).all()
+        out.float().pow(2).mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        opt.step()
+        opt.zero_grad()
+    sites = list(model.spion_state.attention_sites())
+    assert sites and all(s.hsa_active for s in sites)

@@ -114,7 +114,7 @@ class _LocalPlusStrided(torch.autograd.Function):
     def forward(ctx, q, k, v, stride, local, scale, key_padding_mask, dropout_p):
         from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
 
-        layout = _diagonal_layout(q.shape[-2], local, q.device)
+        layout = _layout("diagonal", q.shape[-2], local, q)
         if dropout_p > 0:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
         else:
@@ -318,7 +318,7 @@ def _causal_with_lse(q, k, v, scale):
         return _flash_fwd(q, k, v, 0.0, True, scale=scale)
     from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
 
-    layout, block = _triangular_layout(q.shape[-2], q.device)
+    layout, block = _layout("lower_triangular", q.shape[-2], _TRIANGLE_BLOCK, q), _TRIANGLE_BLOCK
     return block_sparse_attention_fwd(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices,
         block, float(scale), True, None, 0.0, torch.zeros((), dtype=torch.int64), False,
@@ -331,7 +331,7 @@ def _causal_with_lse_backward(grad_out, q, k, v, out, lse, scale):
         return _flash_bwd(grad_out.contiguous(), q, k, v, out, lse, 0.0, True, scale=scale)
     from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
 
-    layout, block = _triangular_layout(q.shape[-2], q.device)
+    layout, block = _layout("lower_triangular", q.shape[-2], _TRIANGLE_BLOCK, q), _TRIANGLE_BLOCK
     return block_sparse_attention_bwd(
         grad_out.contiguous(), q, k, v, out, lse.float(), layout.kv_num_blocks, layout.kv_indices,
         layout.q_num_blocks, layout.q_indices, block, float(scale), True, None, 0.0,
@@ -339,16 +339,24 @@ def _causal_with_lse_backward(grad_out, q, k, v, out, lse, scale):
     )  # fmt: skip
 
 
-def _diagonal_layout(length: int, local: int, device) -> BlockLayout:
-    blocks = -(-length // local)
-    return BlockLayout.from_dense(torch.eye(blocks, dtype=torch.bool, device=device), local)
+_LAYOUTS: dict[tuple, BlockLayout] = {}
+_TRIANGLE_BLOCK = 64  # block of the lower-triangular layout the non-CPU parts run on
 
 
-def _triangular_layout(length: int, device) -> tuple[BlockLayout, int]:
-    block = 64
+def _layout(kind: str, length: int, block: int, like: torch.Tensor) -> BlockLayout:
+    """The diagonal / lower-triangular layout for ``length`` tokens, cached in eager mode (so the
+    op's plan cache sees the same tensors every step); built afresh, by traceable arange ops,
+    while Dynamo or AOT autograd trace."""
+    from spion_fx.kernels.block_sparse_op import _is_traced
+
     blocks = -(-length // block)
-    grid = torch.ones(blocks, blocks, dtype=torch.bool, device=device).tril()
-    return BlockLayout.from_dense(grid, block), block
+    build = BlockLayout.diagonal if kind == "diagonal" else BlockLayout.lower_triangular
+    if torch.compiler.is_compiling() or _is_traced(like):
+        return build(blocks, block, like.device)
+    key = (kind, blocks, block, like.device)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = build(blocks, block, like.device)
+    return _LAYOUTS[key]
 
 
 def hsa_mask(length: int, stride: int, local: int = 0, device=None) -> torch.Tensor:

@@ -64,6 +64,26 @@ class BlockLayout:
         q_num, q_idx = _compress_rows(block_mask.transpose(1, 2))
         return cls(kv_num, kv_idx, q_num, q_idx, int(block_size))
 
+    @classmethod
+    def diagonal(cls, n_blocks: int, block_size: int, device=None) -> BlockLayout:
+        """Only the diagonal blocks; built from arange alone, so it can be traced (equals
+        ``from_dense(torch.eye(n_blocks))``)."""
+        ones = torch.ones(1, n_blocks, dtype=torch.int32, device=device)
+        index = torch.arange(n_blocks, dtype=torch.int32, device=device).view(1, n_blocks, 1)
+        return cls(ones, index, ones.clone(), index.clone(), int(block_size))
+
+    @classmethod
+    def lower_triangular(cls, n_blocks: int, block_size: int, device=None) -> BlockLayout:
+        """Every block on or below the diagonal; traceable (equals ``from_dense(ones.tril())``)."""
+        i = torch.arange(n_blocks, dtype=torch.int32, device=device)
+        zero = torch.zeros((), dtype=torch.int32, device=device)
+        kv_num = (i + 1).view(1, -1)
+        kv_idx = torch.where(i.view(1, -1) <= i.view(-1, 1), i.view(1, -1), zero)  # row r: 0..r
+        q_num = (n_blocks - i).view(1, -1)
+        q_idx = i.view(-1, 1) + i.view(1, -1)  # column c: c, c+1, ..., n-1
+        q_idx = torch.where(q_idx < n_blocks, q_idx, zero)
+        return cls(kv_num, kv_idx.unsqueeze(0).contiguous(), q_num, q_idx.unsqueeze(0).contiguous(), int(block_size))
+
     def to_dense(self) -> torch.Tensor:
         """Boolean block grid [H', nQB, nKB]."""
         h, nqb, maxk = self.kv_indices.shape
