@@ -38,7 +38,11 @@ def hybrid_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """q: [B, H, L, D]; k, v: [B, Hkv, L, D] (GQA by repetition-free broadcasting)."""
+    """Causal MST attention. q: [B, H, L, D]; k, v: [B, Hkv, L, D] (GQA: kv heads are repeated).
+
+    ``local == 0`` is the strided mask, else local+strided; dropout applies to the joint
+    probabilities and ``key_padding_mask`` [B, L] (True = keep) hides keys everywhere.
+    """
     if q.shape[-2] != k.shape[-2]:
         raise ValueError("hybrid sparse attention is causal self-attention: q and k lengths must match")
     if stride < 1 or local < 0:
