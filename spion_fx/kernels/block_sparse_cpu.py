@@ -37,12 +37,13 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Band:
         if self.visible is None:
             return None
         if dtype not in self._bias:
-            self._bias[dtype] = _additive(self.visible, dtype)[None, None]
+            self._bias[dtype] = additive_mask(self.visible, dtype)[None, None]
         return self._bias[dtype]
 
 
@@ -441,7 +442,7 @@ class _GroupRows:
         self.blk = blk
         index = [blk.indices(grp)[0] for grp in groups]
         self.index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-        ends = torch.tensor([i.numel() for i in index], dtype=torch.long).cumsum(0).tolist()
+        ends = list(accumulate(i.numel() for i in index))
         self.bounds = list(zip([0] + ends[:-1], ends))
 
     def gather(self, t: torch.Tensor, scratch: str) -> torch.Tensor:
@@ -541,7 +542,7 @@ def _group_mask(
     if ctx.kpm_blocks is None and not ctx.compat:
         if struct is None:
             return None, None
-        return _additive(struct, ctx.dtype)[None, None], None
+        return additive_mask(struct, ctx.dtype)[None, None], None
     vis = torch.ones(1, 1, 1, 1, grp.count * bs, dtype=torch.bool)  # [B|1, 1, n|1, q|1, keys]
     if struct is not None:
         vis = vis & struct[None, None, None]
@@ -554,12 +555,12 @@ def _group_mask(
         base = ctx.base_count[:, :, qpos]  # [B|1, 1, n, G'*bs]
         pruned = base - vis.sum(-1, dtype=torch.float64)
         lead = torch.broadcast_shapes(vis.shape[:-1], pruned.shape)
-        bias = _additive(vis.expand(*lead, vis.shape[-1]), ctx.dtype)
+        bias = additive_mask(vis.expand(*lead, vis.shape[-1]), ctx.dtype)
         virtual = pruned.log().expand(lead).unsqueeze(-1).to(ctx.dtype)
         bias = torch.cat([bias, virtual], dim=-1)
         seen = (base > 0).expand(lead)
     else:
-        bias = _additive(vis, ctx.dtype)
+        bias = additive_mask(vis, ctx.dtype)
         seen = vis.any(-1)
     rows_b = bias.shape[0]
     bias = bias.expand(rows_b, units, n, *bias.shape[3:]).reshape(
@@ -569,7 +570,7 @@ def _group_mask(
     return bias, ~seen
 
 
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
 
 
@@ -585,24 +586,30 @@ def _gather_kv(ctx: _CallContext, grp: RowGroup, k: torch.Tensor, v: torch.Tenso
     return kg, vg
 
 
-def _math_group(
+def _scores(qg: torch.Tensor, kg: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    s = torch.matmul(qg, kg.transpose(-1, -2)).to(torch.promote_types(qg.dtype, torch.float32)) * scale
+    return s if bias is None else s + bias
+
+
+def _dropped(p: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    return p if keep is None else p * keep / (1.0 - dropout_p)
+
+
+def math_attention(
     qg: torch.Tensor,
     kg: torch.Tensor,
     vg: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
-    keep: torch.Tensor,
+    keep: torch.Tensor | None,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unfused attention with dropout; differentiable by autograd."""
-    acc = torch.promote_types(qg.dtype, torch.float32)
-    s = torch.matmul(qg, kg.transpose(-1, -2)).to(acc) * scale
-    if bias is not None:
-        s = s + bias
+    """Unfused attention on materialised scores (additive ``bias``, optional dropout keep-mask):
+    (output, log-sum-exp; -inf on rows that see no key, whose output is 0)."""
+    s = _scores(qg, kg, bias, scale)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0))
-    p = p * keep / (1.0 - dropout_p)
-    out = torch.matmul(p.to(vg.dtype), vg)
+    out = torch.matmul(_dropped(p, keep, dropout_p).to(vg.dtype), vg)
     return out, lse.squeeze(-1)
 
 
@@ -620,13 +627,13 @@ def _band_forward(
     blk: _Blocks, band: Band, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kw, vw = blk.band_kv(kp, band), blk.band_kv(vp, band)
-    ob, lb = _flash_fwd(blk.band_q(qp, band), kw, vw, attn_mask=band.bias(qp.dtype), scale=scale)
+    ob, lb = flash_fwd(blk.band_q(qp, band), kw, vw, attn_mask=band.bias(qp.dtype), scale=scale)
     lb = lb.to(_lse_dtype(qp.dtype))
     return blk.unband_q(ob, band, 0.0), blk.unband_q(lb, band, float("-inf"))
 
 
 def _band_backward(blk, band, gop, qp, kp, vp, out_p, lse_p, scale):
-    dq, dk, dv = _flash_bwd(
+    dq, dk, dv = flash_bwd(
         blk.band_q(gop, band), blk.band_q(qp, band), blk.band_kv(kp, band), blk.band_kv(vp, band),
         blk.band_q(out_p, band), blk.band_q(lse_p, band), 0.0, False,
         attn_mask=band.bias(qp.dtype), scale=scale,
@@ -686,9 +693,9 @@ def forward(
             keep = _keep_masks(
                 gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p
             )
-            og, lg = _math_group(qg, kg, vg, bias, scale, keep, dropout_p)
+            og, lg = math_attention(qg, kg, vg, bias, scale, keep, dropout_p)
         else:
-            og, lg = _flash_fwd(qg, kg, vg, attn_mask=bias, scale=scale)
+            og, lg = flash_fwd(qg, kg, vg, attn_mask=bias, scale=scale)
         if empty_rows is not None:
             lg = lg.masked_fill(empty_rows, float("-inf"))
         rows.group(out_rows, i, (d,)).copy_(og)
@@ -735,12 +742,12 @@ def backward(
     gop = blk.pad_q(grad_out.to(q.dtype))
     # Rows that saw nothing get lse = +inf: the kernel's exp(s - lse) is then 0, not NaN.
     lse_safe = lse.float().masked_fill(torch.isneginf(lse), float("inf"))
-    lse_p = F.pad(lse_safe, (0, blk.nqb * block - lq), value=float("inf")).contiguous()
     out_p = blk.pad_q(out)
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    lse_p = F.pad(lse_safe, (0, blk.nqb * block - lq), value=float("inf")).to(acc).contiguous()
     if plan.band is not None:
         # The backward splits over disjoint key sets given the global out and lse.
-        dq, dk, dv = _band_backward(blk, plan.band, gop, qp, kp, vp, out_p, lse_p.to(acc), scale)
+        dq, dk, dv = _band_backward(blk, plan.band, gop, qp, kp, vp, out_p, lse_p, scale)
         dk, dv = dk.to(acc), dv.to(acc)
     else:
         dq = q.new_zeros(b, h, blk.nqb * block, d)
@@ -748,7 +755,7 @@ def backward(
         dv = torch.zeros(b, hkv, blk.nkb * block, d, dtype=acc)
     rows = _GroupRows(blk, plan.groups)
     q_rows, go_rows = rows.gather(qp, "q"), rows.gather(gop, "grad_out")
-    out_rows, lse_rows = rows.gather(out_p, "out"), rows.gather(lse_p.to(acc), "lse")
+    out_rows, lse_rows = rows.gather(out_p, "out"), rows.gather(lse_p, "lse")
     dq_rows = rows.empty((d,), q.dtype, "dq")
     gen = _generator(seed) if dropout_p > 0 else None
     for i, grp in enumerate(plan.groups):
@@ -760,11 +767,11 @@ def backward(
             keep = _keep_masks(
                 gen, torch.Size((b, qg.shape[1], qg.shape[2], kg.shape[2])), dropout_p
             )
-            dqg, dkg, dvg = _math_group_backward(
+            dqg, dkg, dvg = math_attention_backward(
                 qg, kg, vg, bias, scale, keep, dropout_p, gog, og, lg
             )
         else:
-            dqg, dkg, dvg = _flash_bwd(
+            dqg, dkg, dvg = flash_bwd(
                 gog, qg, kg, vg, og, lg, 0.0, False, attn_mask=bias, scale=scale
             )
         if ctx.compat:  # drop the virtual key's gradients
@@ -776,22 +783,19 @@ def backward(
     return _trim(dq, lq), _trim(dk, lk).to(k.dtype), _trim(dv, lk).to(v.dtype)
 
 
-def _math_group_backward(qg, kg, vg, bias, scale, keep, dropout_p, gog, og, lg):
-    """Backward of the dropout path given the *global* output ``og`` and log-sum-exp ``lg``.
+def math_attention_backward(qg, kg, vg, bias, scale, keep, dropout_p, gog, og, lg):
+    """Gradients of ``math_attention`` given the *global* output ``og`` and log-sum-exp ``lg``
+    (+inf on rows that saw nothing).
 
     Differentiates a surrogate whose gradient is the softmax-with-dropout backward
-    dS = P ⊙ (dP̃ - rowsum(dO ⊙ O)), P normalised by ``lg``: exact for this group's keys alone and
-    when the keys are split over several calls (the band, or HSA's other parts).
+    dS = P ⊙ (dP̃ - rowsum(dO ⊙ O)), P normalised by ``lg``: exact for these keys alone and when
+    the keys are split over several calls (the band, or HSA's other parts).
     """
     with torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (qg, kg, vg))
-        acc = torch.promote_types(qg.dtype, torch.float32)
-        s = torch.matmul(qg, kg.transpose(-1, -2)).to(acc) * scale
-        if bias is not None:
-            s = s + bias
-        p = torch.exp(s - lg.unsqueeze(-1))
-        part = torch.matmul((p * keep / (1.0 - dropout_p)).to(vg.dtype), vg)
-        delta = (gog.to(acc) * og.to(acc)).sum(-1, keepdim=True)
+        p = torch.exp(_scores(qg, kg, bias, scale) - lg.unsqueeze(-1))
+        part = torch.matmul(_dropped(p, keep, dropout_p).to(vg.dtype), vg)
+        delta = (gog.to(p.dtype) * og.to(p.dtype)).sum(-1, keepdim=True)
         surrogate = (gog * part).sum() - (delta * p).sum()
         return torch.autograd.grad(surrogate, (qg, kg, vg))
 

@@ -24,6 +24,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from spion_fx.kernels.block_sparse_cpu import (
+    additive_mask,
+    flash_bwd,
+    flash_fwd,
+    math_attention,
+    math_attention_backward,
+)
 from spion_fx.kernels.layout import BlockLayout
 
 
@@ -133,16 +140,15 @@ class _LocalPlusStrided(torch.autograd.Function):
         fused = dropout_p == 0 and key_padding_mask is None
         for part in parts:
             qp, kp, vp = part.gather_q(q), part.gather_kv(k), part.gather_kv(v)
+            keep = None
             if fused:
                 o, lse_p = _causal_with_lse(qp, kp, vp, scale)
-                keeps.append(None)
             else:
-                keep = None
                 if dropout_p > 0:
                     keep = torch.rand(qp.shape[:-1] + (kp.shape[-2],), device=q.device) >= dropout_p
-                keeps.append(keep)
-                visible = _part_visibility(part, key_padding_mask, q.shape[1])
-                o, lse_p, _ = _explicit_causal(qp, kp, vp, scale, visible, keep, dropout_p)
+                bias = _part_bias(part, key_padding_mask, q.shape[1], qp, kp)
+                o, lse_p = math_attention(qp, kp, vp, bias, scale, keep, dropout_p)
+            keeps.append(keep)
             outs.append(part.place_q(o.to(acc)))
             lses.append(part.place_q(lse_p.to(acc).unsqueeze(-1), float("-inf")).squeeze(-1))
         lse = torch.logsumexp(torch.stack(lses), dim=0)
@@ -168,31 +174,20 @@ class _LocalPlusStrided(torch.autograd.Function):
         )  # fmt: skip
         # Rows that saw nothing (and padded query rows) get lse = +inf: probabilities 0, no gradient.
         lse_safe = lse.masked_fill(~torch.isfinite(lse), float("inf"))
-        if ctx.fused:
-            for part in ctx.parts:
-                gq, gk, gv = _causal_with_lse_backward(
-                    part.gather_q(grad_out), part.gather_q(q), part.gather_kv(k), part.gather_kv(v),
-                    part.gather_q(out), _part_lse(part, lse_safe), ctx.scale,
-                )  # fmt: skip
-                dq = dq + part.place_q(gq)
-                dk = dk + part.place_kv(gk)
-                dv = dv + part.place_kv(gv)
-            return dq, dk, dv, None, None, None, None, None
-        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            surrogate = 0.0
-            for part, keep in zip(ctx.parts, ctx.keeps):
-                visible = _part_visibility(part, key_padding_mask, q.shape[1])
-                qp, kp, vp = part.gather_q(leaves[0]), part.gather_kv(leaves[1]), part.gather_kv(leaves[2])
-                # The part's attention with the global normaliser: its gradient is the split-KV one.
-                part_out, _, probs = _explicit_causal(
-                    qp, kp, vp, ctx.scale, visible, keep, ctx.dropout_p, _part_lse(part, lse_safe)
+        for part, keep in zip(ctx.parts, ctx.keeps):
+            qp, kp, vp = part.gather_q(q), part.gather_kv(k), part.gather_kv(v)
+            gop, op, lse_p = part.gather_q(grad_out), part.gather_q(out), _part_lse(part, lse_safe)
+            if ctx.fused:
+                gq, gk, gv = _causal_with_lse_backward(gop, qp, kp, vp, op, lse_p, ctx.scale)
+            else:
+                bias = _part_bias(part, key_padding_mask, q.shape[1], qp, kp)
+                gq, gk, gv = math_attention_backward(
+                    qp, kp, vp, bias, ctx.scale, keep, ctx.dropout_p, gop, op, lse_p
                 )
-                surrogate = surrogate + (part.gather_q(grad_out) * part_out).sum()
-                surrogate = surrogate - (part.gather_q(delta) * probs).sum()
-            gq, gk, gv = torch.autograd.grad(surrogate, leaves)
-        return dq + gq, dk + gk, dv + gv, None, None, None, None, None
+            dq = dq + part.place_q(gq)
+            dk = dk + part.place_kv(gk)
+            dv = dv + part.place_kv(gv)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _part_lse(part, lse: torch.Tensor) -> torch.Tensor:
@@ -200,32 +195,16 @@ def _part_lse(part, lse: torch.Tensor) -> torch.Tensor:
     return part.gather_q(lse.unsqueeze(-1), float("inf")).squeeze(-1)
 
 
-def _part_visibility(part, key_padding_mask: torch.Tensor | None, heads: int) -> torch.Tensor | None:
-    """Key padding in a part's layout: [B, H', 1, keys] bool, or None."""
-    if key_padding_mask is None:
-        return None
-    b, length = key_padding_mask.shape
-    mask = key_padding_mask[:, None, :, None].to(torch.float32).expand(b, heads, length, 1)
-    return (part.gather_kv(mask) > 0.5).transpose(-1, -2)
-
-
-def _explicit_causal(q, k, v, scale, visible, keep, dropout_p, lse=None):
-    """Causal attention on materialised scores: (output, lse, probabilities before dropout).
-
-    With ``lse`` given, probabilities are normalised by it instead of their own log-sum-exp (the
-    split-KV form the backward differentiates)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = (q @ k.transpose(-1, -2)).to(acc) * scale
-    n_q, n_k = scores.shape[-2:]
-    mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
-    if visible is not None:
-        mask = mask & visible
-    scores = scores.masked_fill(~mask, float("-inf"))
-    own = torch.logsumexp(scores, dim=-1)
-    norm = own if lse is None else lse
-    probs = torch.exp(scores - norm.masked_fill(~torch.isfinite(norm), float("inf")).unsqueeze(-1))
-    dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
-    return (dropped.to(v.dtype) @ v), own, probs
+def _part_bias(
+    part, key_padding_mask: torch.Tensor | None, heads: int, qp: torch.Tensor, kp: torch.Tensor
+) -> torch.Tensor:
+    """Additive causal (+ key padding) mask in a part's layout: [B or 1, H' or 1, rows, keys]."""
+    visible = torch.ones(qp.shape[-2], kp.shape[-2], dtype=torch.bool, device=qp.device).tril()
+    if key_padding_mask is not None:
+        b, length = key_padding_mask.shape
+        keys = key_padding_mask[:, None, :, None].to(torch.float32).expand(b, heads, length, 1)
+        visible = visible & (part.gather_kv(keys) > 0.5).transpose(-1, -2)
+    return additive_mask(visible, torch.promote_types(qp.dtype, torch.float32))
 
 
 class _PreviousBlock:
@@ -307,10 +286,6 @@ class _StridedBack:
         return _from_classes(full, self.length)
 
 
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-
-
 def _fused_cpu(q: torch.Tensor) -> bool:
     return q.device.type == "cpu"
 
@@ -319,7 +294,7 @@ def _causal_with_lse(q, k, v, scale):
     """Causal attention with its log-sum-exp: PyTorch's fused CPU kernel on CPU, the block-sparse
     op with a lower-triangular layout elsewhere (the Triton kernel on CUDA)."""
     if _fused_cpu(q):
-        return _flash_fwd(q, k, v, 0.0, True, scale=scale)
+        return flash_fwd(q, k, v, 0.0, True, scale=scale)
     from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
 
     layout, block = _layout("lower_triangular", q.shape[-2], _TRIANGLE_BLOCK, q), _TRIANGLE_BLOCK
@@ -332,7 +307,7 @@ def _causal_with_lse(q, k, v, scale):
 def _causal_with_lse_backward(grad_out, q, k, v, out, lse, scale):
     if _fused_cpu(q):
         lse = lse.to(torch.promote_types(q.dtype, torch.float32))
-        return _flash_bwd(grad_out.contiguous(), q, k, v, out, lse, 0.0, True, scale=scale)
+        return flash_bwd(grad_out.contiguous(), q, k, v, out, lse, 0.0, True, scale=scale)
     from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
 
     layout, block = _layout("lower_triangular", q.shape[-2], _TRIANGLE_BLOCK, q), _TRIANGLE_BLOCK
