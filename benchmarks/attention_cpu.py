@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_medians  # noqa: E402
+from common import fwd_bwd_step, interleaved_medians, random_qkv  # noqa: E402
 
 from spion_fx.kernels import (  # noqa: E402
     BlockLayout,
@@ -40,31 +39,16 @@ def spion_like_layout(n_blocks: int, block: int, density: float, seed: int = 0) 
     return BlockLayout.from_dense(grid, block)
 
 
-def _inputs(b: int, h: int, length: int, d: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
-
-
-def _fwd_bwd(attn: Callable[..., torch.Tensor], q, k, v) -> Callable[[], None]:
-    grad = torch.randn_like(q)
-
-    def step() -> None:
-        out = attn(q, k, v)
-        torch.autograd.grad(out, (q, k, v), grad)
-
-    return step
-
-
 def bench_training(length: int, density: float, causal: bool, reps: int) -> dict:
     b, h, d, block = 1, 8, 64, 64
     layout = spion_like_layout(length // block, block, density)
-    q, k, v = _inputs(b, h, length, d)
+    q, k, v = random_qkv(b, h, length, d)
     dense, sparse = interleaved_medians(
         [
-            _fwd_bwd(
+            fwd_bwd_step(
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
             ),
-            _fwd_bwd(
+            fwd_bwd_step(
                 lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v
             ),
         ],
@@ -85,7 +69,7 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
 
     b, h, d, block = 1, 8, 64, 64
     layout = spion_like_layout(length // block, block, density)
-    q, k, v = (t.detach() for t in _inputs(b, h, length, d))
+    q, k, v = (t.detach() for t in random_qkv(b, h, length, d))
     # FlexAttention reads the number of kv blocks from the width of kv_indices.
     kv_indices = F.pad(layout.kv_indices, (0, layout.num_kv_blocks - layout.kv_indices.shape[-1]))
     block_mask = BlockMask.from_kv_blocks(

@@ -55,6 +55,22 @@ def interleaved_medians(fns: Sequence[Callable[[], object]], reps: int, warmup: 
     return [statistics.median(bucket) for bucket in buckets]
 
 
+def random_qkv(b: int, h: int, length: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, H, L, D] (float32, requiring grad) from a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
+
+
+def fwd_bwd_step(attn: Callable[..., torch.Tensor], q, k, v) -> Callable[[], None]:
+    """One forward + backward of ``attn(q, k, v)`` against a fixed random output gradient."""
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
+
+    return step
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -12,68 +12,42 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_medians, print_table  # noqa: E402
+from common import fwd_bwd_step, interleaved_medians, print_table, random_qkv  # noqa: E402
 
 from spion_fx.kernels.hsa import hsa_mask, hybrid_sparse_attention  # noqa: E402
 
 
-def _fwd_bwd(attn, q, k, v):
-    grad = torch.randn_like(q)
-
-    def step() -> None:
-        torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
-
-    return step
-
-
-def bench(length: int, stride: int, local: int, reps: int) -> list[dict]:
-    b, h, d = 1, 8, 64
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
-    fns = [
-        _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v),
-        _fwd_bwd(lambda q, k, v: hybrid_sparse_attention(q, k, v, stride=stride), q, k, v),
-        _fwd_bwd(lambda q, k, v: hybrid_sparse_attention(q, k, v, stride=stride, local=local), q, k, v),
-    ]
-    dense, strided, local_strided = interleaved_medians(fns, reps)
-    rows = []
-    for mode, seconds, window in (("strided", strided, 0), ("local+strided", local_strided, local)):
-        mask = hsa_mask(length, stride, window)
-        rows.append({
-            "case": f"fwd+bwd L={length} {mode} stride={stride}" + (f" local={local}" if window else ""),
-            "keys/causal keys": round(mask.sum().item() / (length * (length + 1) / 2), 4),
-            "causal_sdpa_ms": dense * 1e3,
-            "hsa_ms": seconds * 1e3,
-            "speedup": dense / seconds,
-        })
-    return rows
-
-
-def bench_dropout(length: int, stride: int, local: int, p: float, reps: int) -> dict:
-    """Attention dropout in training (GPT-2's default 0.1): the two small parts run explicitly."""
-    b, h, d = 1, 8, 64
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, length, d, generator=gen).requires_grad_(True) for _ in range(3))
-    dense, hsa = interleaved_medians(
-        [
-            _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p), q, k, v),
-            _fwd_bwd(lambda q, k, v: hybrid_sparse_attention(q, k, v, stride=stride, local=local, dropout_p=p), q, k, v),
-        ],
-        reps,
-    )
-    mask = hsa_mask(length, stride, local)
+def _row(case: str, length: int, stride: int, local: int, dense_s: float, hsa_s: float) -> dict:
+    keys = hsa_mask(length, stride, local).sum().item()
     return {
-        "case": f"fwd+bwd L={length} local+strided stride={stride} local={local} dropout={p}",
-        "keys/causal keys": round(mask.sum().item() / (length * (length + 1) / 2), 4),
-        "causal_sdpa_ms": dense * 1e3,
-        "hsa_ms": hsa * 1e3,
-        "speedup": dense / hsa,
+        "case": case,
+        "keys/causal keys": round(keys / (length * (length + 1) / 2), 4),
+        "causal_sdpa_ms": dense_s * 1e3,
+        "hsa_ms": hsa_s * 1e3,
+        "speedup": dense_s / hsa_s,
     }
+
+
+def bench(length: int, stride: int, local: int, reps: int, dropout_p: float = 0.0) -> list[dict]:
+    """Strided and local+strided against causal SDPA; with dropout (GPT-2's default 0.1 in
+    training) only local+strided, whose two small parts then run on explicit scores."""
+    q, k, v = random_qkv(1, 8, length, 64)
+    modes = {"local+strided": local} if dropout_p else {"strided": 0, "local+strided": local}
+    fns = [fwd_bwd_step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p), q, k, v)]
+    fns += [
+        fwd_bwd_step(lambda q, k, v, w=w: hybrid_sparse_attention(q, k, v, stride=stride, local=w, dropout_p=dropout_p), q, k, v)
+        for w in modes.values()
+    ]
+    dense, *sparse = interleaved_medians(fns, reps)
+    rows = []
+    for (mode, window), seconds in zip(modes.items(), sparse):
+        case = f"fwd+bwd L={length} {mode} stride={stride}" + (f" local={window}" if window else "")
+        rows.append(_row(case + (f" dropout={dropout_p}" if dropout_p else ""), length, stride, window, dense, seconds))
+    return rows
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -81,7 +55,7 @@ def run(quick: bool = False) -> list[dict]:
     rows = bench(2048, 128, 128, reps)
     if not quick:
         rows += bench(4096, 128, 128, 5)
-        rows.append(bench_dropout(2048, 128, 128, 0.1, 5))
+        rows += bench(2048, 128, 128, 5, dropout_p=0.1)
     return rows
 
 
