@@ -42,6 +42,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from . import native_cpu
+
 flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -673,6 +675,10 @@ def forward(
     seed: torch.Tensor,
     compat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if native_cpu.handles(q, dropout_p, compat):
+        return native_cpu.forward(
+            q, k, v, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask
+        )
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     use_band = key_padding_mask is None and not compat and dropout_p == 0
@@ -732,6 +738,11 @@ def backward(
     seed: torch.Tensor,
     compat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if native_cpu.handles(q, dropout_p, compat):
+        return native_cpu.backward(
+            grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, block, scale, causal,
+            key_padding_mask,
+        )  # fmt: skip
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     use_band = key_padding_mask is None and not compat and dropout_p == 0

@@ -1,0 +1,250 @@
+"""The native CPU block-sparse attention kernel (``csrc/block_sparse_attention.cpp``).
+
+Built on first use with the system C++ compiler into a per-user cache and loaded with ctypes:
+plain C++ with no PyTorch headers compiles in about a second. Its GEMMs call the BLAS that
+PyTorch itself links (``sgemm_``/``dgemm_`` looked up in libtorch_cpu), its threads are
+PyTorch's OpenMP pool (``torch.get_num_threads()``).
+
+It serves float32 and float64 calls without dropout or SPION-compat; everything else, and every
+call when no compiler or BLAS symbol is found, takes the grouped kernel in ``block_sparse_cpu``
+(a warning says why, once). ``SPION_FX_CPU_KERNEL=grouped`` forces the grouped kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "block_sparse_attention.cpp"
+_FLAGS = (
+    "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+)  # fmt: skip
+_ABI_VERSION = 1
+# Most keys one GEMM covers when kv blocks are consecutive: 512 keys x 64 rows of scores stay in
+# L2 next to the q/k/v tiles (benchmarks/attention_cpu.py measured 256-1024 within noise).
+MAX_RUN_KEYS = 512
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPION_FX_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "spion_fx"
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on, so a cache shared between machines never hands one
+    machine's build to another CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _march_flags(compiler: str) -> list[str]:
+    probe = subprocess.run(
+        [compiler, "-march=native", "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+        capture_output=True,
+    )
+    return ["-march=native"] if probe.returncode == 0 else []
+
+
+def _build(compiler: str) -> Path:
+    flags = [*_FLAGS, *_march_flags(compiler)]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            x.encode() for x in (SOURCE.read_text(), " ".join(flags), version, _cpu_features())
+        )
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"block_sparse_attention_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: concurrent builders never load a partial file
+    return target
+
+
+def _blas_symbols() -> tuple[int, int]:
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / _shared_name("torch_cpu")))
+    return (
+        ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
+        ctypes.cast(lib.dgemm_, ctypes.c_void_p).value,
+    )
+
+
+def _shared_name(stem: str) -> str:
+    return {"Darwin": f"lib{stem}.dylib", "Windows": f"{stem}.dll"}.get(
+        platform.system(), f"lib{stem}.so"
+    )
+
+
+def _load() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    sgemm, dgemm = _blas_symbols()
+    lib = ctypes.CDLL(str(_build(compiler)))
+    if lib.spion_bsa_abi_version() != _ABI_VERSION:
+        raise RuntimeError("stale kernel build in the cache")
+    lib.spion_bsa_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(dgemm))
+    lib.spion_bsa_forward.restype = ctypes.c_int
+    lib.spion_bsa_backward.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (with one warning) when it cannot be built here."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    _state["lib"] = _load()
+                except Exception as exc:  # any failure means: use the grouped kernel
+                    _state["lib"] = None
+                    warnings.warn(
+                        f"spion_fx: native CPU attention kernel unavailable ({exc}); "
+                        "using the grouped kernel",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def handles(q: torch.Tensor, dropout_p: float, compat: bool) -> bool:
+    """Whether this call runs on the native kernel."""
+    if os.environ.get("SPION_FX_CPU_KERNEL", "native") == "grouped":
+        return False
+    if q.dtype not in _DTYPES or dropout_p > 0 or compat:
+        return False
+    return library() is not None
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A [B, heads, L, D] operand the kernel can read in place (unit stride along D)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+class _Call:
+    """The arguments shared by forward and backward."""
+
+    def __init__(self, q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask):
+        b, h, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        self.kv_num = kv_num_blocks.to(torch.int32).contiguous()
+        self.kv_idx = kv_indices.to(torch.int32).contiguous()
+        self.key_mask = (
+            None
+            if key_padding_mask is None
+            else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
+        )
+        nkb = -(-lk // block)
+        self.shape = (ctypes.c_int64 * 6)(b, h, hkv, lq, lk, d)
+        self.layout = (ctypes.c_int64 * 5)(*self.kv_idx.shape, nkb, block)
+        self.threads = torch.get_num_threads()
+        self.head_args = (
+            _DTYPES[q.dtype], self.shape, self.layout, _ptr(self.kv_num), _ptr(self.kv_idx),
+            ctypes.c_double(scale), ctypes.c_int(int(causal)), _ptr(self.key_mask),
+            ctypes.c_int64(MAX_RUN_KEYS), ctypes.c_int(self.threads),
+        )  # fmt: skip
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block: int,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    call = _Call(q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    status = library().spion_bsa_forward(
+        *call.head_args, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+        _ptr(out), _strides(out), _ptr(lse),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"native block-sparse forward failed for {q.dtype}")
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block: int,
+    scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out = _rows(grad_out.to(q.dtype))
+    q, k, v, out = _rows(q), _rows(k), _rows(v), _rows(out.to(q.dtype))
+    lse = lse.to(torch.float32).contiguous()
+    call = _Call(q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask)
+    b, hkv = k.shape[0], k.shape[1]
+    # A work unit owns one kv head's dK/dV; with fewer kv heads than ~2 per thread the query
+    # blocks are split in chunks that accumulate into separate slices, summed here.
+    chunks = 1
+    if b * hkv < 2 * call.threads:
+        chunks = max(1, min(kv_indices.shape[1], -(-2 * call.threads // (b * hkv))))
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.zeros((chunks, *k.shape), dtype=q.dtype)
+    dv = torch.zeros((chunks, *k.shape), dtype=q.dtype)
+    status = library().spion_bsa_backward(
+        *call.head_args, _ptr(grad_out), _strides(grad_out), _ptr(q), _strides(q), _ptr(k),
+        _strides(k), _ptr(v), _strides(v), _ptr(out), _strides(out), _ptr(lse), _ptr(dq),
+        _strides(dq), _ptr(dk), _ptr(dv), ctypes.c_int64(chunks),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"native block-sparse backward failed for {q.dtype}")
+    return dq, dk.sum(0) if chunks > 1 else dk[0], dv.sum(0) if chunks > 1 else dv[0]
