@@ -13,10 +13,21 @@ from spion_fx.kernels import (
     dense_block_mask,
     reference_attention,
 )
+from spion_fx.kernels import native_cpu
 from spion_fx.kernels.block_sparse_cpu import dropout_keep_mask
 from spion_fx.kernels.reference import layout_block_grid
 
 BLOCK = 4
+
+
+@pytest.fixture(autouse=True, params=["native", "grouped"])
+def cpu_kernel(request, monkeypatch):
+    """Every test runs on both CPU kernels: the native one (fp32/fp64 without dropout or compat)
+    and the grouped one built from PyTorch ops (everything else, and the fallback)."""
+    if request.param == "native" and native_cpu.library() is None:
+        pytest.skip("no C++ compiler: the native CPU kernel is unavailable")
+    monkeypatch.setenv("SPION_FX_CPU_KERNEL", request.param)
+    return request.param
 
 
 def random_layout(heads: int, nqb: int, nkb: int, density: float, seed: int) -> BlockLayout:

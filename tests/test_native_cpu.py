@@ -1,0 +1,127 @@
+"""The native CPU kernel (csrc/block_sparse_attention.cpp) on what only it does: reading strided
+operands in place, splitting dK/dV over chunks, GEMM runs over consecutive blocks, its build
+cache, and the fallback when it cannot be built. Its general correctness is covered, next to the
+grouped kernel's, by test_block_sparse_op.py."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from spion_fx.kernels import BlockLayout, block_sparse_attention, native_cpu, reference_attention
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+
+def _inputs(b, h, hkv, length, d, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(b, n, length, d, generator=gen, dtype=dtype).requires_grad_(True)
+        for n in (h, hkv, hkv)
+    )
+
+
+def _layout(heads, n_blocks, block, density, seed):
+    grid = torch.rand(heads, n_blocks, n_blocks, generator=torch.Generator().manual_seed(seed))
+    grid = grid < density
+    grid[:, torch.arange(n_blocks), torch.arange(n_blocks)] = True
+    return BlockLayout.from_dense(grid, block)
+
+
+def _check(q, k, v, layout, causal=False, kpm=None, tol=1e-6):
+    assert native_cpu.handles(q, 0.0, False)
+    out = block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=kpm)
+    ref, _ = reference_attention(q, k, v, layout, None, causal, kpm)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_library_builds_here():
+    assert native_cpu.library() is not None
+
+
+def test_permuted_operands_read_in_place():
+    # HF layouts: [B, L, H, D] viewed as [B, H, L, D]; row stride H*D, not D.
+    b, length, h, d = 2, 40, 4, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(b, length, h, d, generator=gen, dtype=torch.float64)
+        .transpose(1, 2)
+        .requires_grad_(True)
+        for _ in range(3)
+    )
+    assert not q.is_contiguous()
+    _check(q, k, v, _layout(1, 5, 8, 0.4, seed=2), causal=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunked_key_gradients(threads):
+    # One batch and one kv head: with 2 threads the query blocks split over chunks whose dK/dV
+    # slices are summed; with 1 thread there is a single chunk.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = _inputs(1, 3, 1, 70, 8, seed=3)  # GQA 3:1, ragged last block
+        kpm = torch.rand(1, 70, generator=torch.Generator().manual_seed(4)) > 0.2
+        _check(q, k, v, _layout(1, 9, 8, 0.3, seed=5), causal=True, kpm=kpm)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("max_run", [8, 24, 4096])
+def test_runs_of_consecutive_blocks(monkeypatch, max_run):
+    # A dense band of 5 blocks is one GEMM of up to max_run keys; the split must not matter.
+    monkeypatch.setattr(native_cpu, "MAX_RUN_KEYS", max_run)
+    n = 8
+    grid = torch.zeros(2, n, n, dtype=torch.bool)
+    for off in range(-2, 3):
+        idx = torch.arange(max(0, -off), min(n, n - off))
+        grid[:, idx, idx + off] = True
+    grid[1, 0, 7] = True  # per-head layouts differ
+    q, k, v = _inputs(2, 2, 2, 61, 4, seed=6)
+    _check(q, k, v, BlockLayout.from_dense(grid, 8), causal=False)
+
+
+def test_float32_accuracy_of_the_exponential():
+    # The kernel's own vectorised exp: float32 results within float32 rounding of float64.
+    q, k, v = _inputs(1, 2, 2, 128, 16, dtype=torch.float32, seed=7)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    layout = _layout(1, 4, 32, 0.5, seed=8)
+    with torch.no_grad():
+        out = block_sparse_attention(q * 4, k, v, layout)  # sharper softmax: wide exp range
+        ref, _ = reference_attention(q64 * 4, k64, v64, layout)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-5)
+
+
+def test_build_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPION_FX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native_cpu, "_state", {})
+    assert native_cpu.library() is not None
+    (built,) = tmp_path.glob("block_sparse_attention_*.so")
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(native_cpu, "_state", {})
+    assert native_cpu.library() is not None
+    assert built.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
+
+
+def test_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPION_FX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native_cpu, "_state", {})
+    q, k, v = _inputs(1, 2, 1, 24, 8, seed=9)
+    layout = _layout(1, 3, 8, 0.5, seed=10)
+    with pytest.warns(RuntimeWarning, match="native CPU attention kernel unavailable"):
+        out = block_sparse_attention(q, k, v, layout)
+    ref, _ = reference_attention(q, k, v, layout)
+    torch.testing.assert_close(out, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per call
+        block_sparse_attention(q, k, v, layout)
+    assert not native_cpu.handles(q, 0.0, False)
