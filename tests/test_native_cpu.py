@@ -125,3 +125,21 @@ def test_falls_back_without_a_compiler(monkeypatch, tmp_path):
         warnings.simplefilter("error")  # warned once, not per call
         block_sparse_attention(q, k, v, layout)
     assert not native_cpu.handles(q, 0.0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_in_float32(dtype):
+    q, k, v = _inputs(1, 4, 2, 40, 8, dtype=dtype, seed=11)
+    layout = _layout(1, 5, 8, 0.4, seed=12)
+    assert native_cpu.handles(q, 0.0, False)
+    out = block_sparse_attention(q, k, v, layout, causal=True)
+    wide = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = reference_attention(*wide, layout, None, True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, wide, grad.double())
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, atol=3e-2, rtol=3e-2)
