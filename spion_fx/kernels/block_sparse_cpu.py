@@ -1,5 +1,9 @@
 """CPU kernels for block-sparse attention: rows grouped by kv-block count, one fused SDPA per group.
 
+``forward``/``backward`` first hand the call to the native kernel (``native_cpu``: C++ walking
+the layout in place, no gathers) when it takes it: no dropout, no compat, and a C++ compiler on
+the machine. What follows is the grouped kernel, built from PyTorch ops, which serves the rest.
+
 Why this shape (see DESIGN.md, "CPU kernel facts"): gathering each query-block row's kv blocks
 and running PyTorch's fused CPU flash attention once per group of rows with the same number of
 kv blocks needs no padding, and needs a mask only where the pattern meets the causal diagonal,

@@ -148,8 +148,8 @@ def block_sparse_attention(
 
 
 # No-grad CPU calls at least this large (Lq * Lk) may go to compiled FlexAttention. Measured on a
-# quiet 2-core machine (benchmarks/attention_cpu.py, L=2048, 10 % blocks) the grouped kernel's
-# forward beats compiled FlexAttention (1.14x), and a FlexAttention compile per shape costs
+# 2-core machine (benchmarks/attention_cpu.py, L=2048, 10 % blocks) the native CPU kernel's
+# forward beats compiled FlexAttention (1.37x), and a FlexAttention compile per shape costs
 # seconds, so the route is off by default; set a size here to turn it on where Flex wins.
 FLEX_NO_GRAD_MIN_ELEMENTS = float("inf")
 _compiled_flex = None
