@@ -143,3 +143,13 @@ def test_half_precision_runs_in_float32(dtype):
     for g, w in zip(got, want):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, atol=3e-2, rtol=3e-2)
+
+
+def test_unwritable_cache_falls_back_to_a_temporary_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("SPION_FX_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(native_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(native_cpu, "_state", {})
+    assert native_cpu.library() is not None
+    assert list((tmp_path / "tmp").glob("spion_fx-*/block_sparse_attention_*.so"))

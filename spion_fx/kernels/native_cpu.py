@@ -55,6 +55,20 @@ def _cache_dir() -> Path:
     return Path(xdg) / "spion_fx"
 
 
+def _writable(directory: Path) -> Path:
+    """The cache directory, or a per-user temporary one where it cannot be created (a read-only
+    home on a CI runner, say)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"spion_fx-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
 def _cpu_features() -> str:
     """What -march=native depends on, so a cache shared between machines never hands one
     machine's build to another CPU."""
@@ -84,10 +98,9 @@ def _build(compiler: str) -> Path:
             x.encode() for x in (SOURCE.read_text(), " ".join(flags), version, _cpu_features())
         )
     ).hexdigest()[:16]
-    target = _cache_dir() / f"block_sparse_attention_{key}.so"
+    target = _writable(_cache_dir()) / f"block_sparse_attention_{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
