@@ -8,6 +8,7 @@ rows for ``benchmarks/run_cpu.py``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,29 +40,52 @@ def spion_like_layout(n_blocks: int, block: int, density: float, seed: int = 0) 
     return BlockLayout.from_dense(grid, block)
 
 
-def bench_training(length: int, density: float, causal: bool, reps: int) -> dict:
+def _on_grouped_kernel(step):
+    """The same step on the grouped kernel (PyTorch fused-attention ops), the native kernel's
+    fallback: what the C++ kernel buys, measured in the same run."""
+
+    def grouped_step() -> None:
+        before = os.environ.get("SPION_FX_CPU_KERNEL")
+        os.environ["SPION_FX_CPU_KERNEL"] = "grouped"
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ["SPION_FX_CPU_KERNEL"]
+            else:
+                os.environ["SPION_FX_CPU_KERNEL"] = before
+
+    return grouped_step
+
+
+def bench_training(length: int, density: float, causal: bool, reps: int) -> list[dict]:
     b, h, d, block = 1, 8, 64, 64
     layout = spion_like_layout(length // block, block, density)
     q, k, v = random_qkv(b, h, length, d)
-    dense, sparse = interleaved_medians(
+    sparse_step = fwd_bwd_step(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v
+    )
+    dense, sparse, grouped = interleaved_medians(
         [
             fwd_bwd_step(
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
             ),
-            fwd_bwd_step(
-                lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=causal), q, k, v
-            ),
+            sparse_step,
+            _on_grouped_kernel(sparse_step),
         ],
         reps,
     )
-    return {
-        "case": f"fwd+bwd L={length} {'causal' if causal else 'non-causal'}",
+    case = f"fwd+bwd L={length} {'causal' if causal else 'non-causal'}"
+    common = {
         "density": round(layout.density, 4),
         "baseline": "causal SDPA" if causal else "SDPA",
         "baseline_ms": dense * 1e3,
-        "spion_ms": sparse * 1e3,
-        "speedup": dense / sparse,
     }
+    return [
+        {"case": case, **common, "spion_ms": sparse * 1e3, "speedup": dense / sparse},
+        {"case": case + " (grouped kernel)", **common, "spion_ms": grouped * 1e3,
+         "speedup": dense / grouped},
+    ]  # fmt: skip
 
 
 def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict]:
@@ -81,7 +105,7 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
     seed = torch.zeros((), dtype=torch.int64)
     layout_args = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices)
 
-    def grouped_op() -> None:  # the op's own CPU kernel, bypassing the no-grad FlexAttention route
+    def op_kernel() -> None:  # the op's own CPU kernel, bypassing the no-grad FlexAttention route
         block_sparse_attention_fwd(
             q, k, v, *layout_args, block, d**-0.5, False, None, 0.0, seed, False
         )
@@ -92,7 +116,7 @@ def bench_inference_vs_flex(length: int, density: float, reps: int) -> list[dict
                 lambda: flex(q, k, v, block_mask=block_mask),
                 lambda: F.scaled_dot_product_attention(q, k, v),
                 lambda: block_sparse_attention(q, k, v, layout),
-                grouped_op,
+                op_kernel,
             ],
             reps,
             warmup=2,
@@ -121,8 +145,8 @@ def run(quick: bool = False, threads: int | None = None) -> list[dict]:
     reps = 3 if quick else 7
     length = 2048 if quick else 4096
     rows = [
-        bench_training(length, 0.10, causal=False, reps=reps),
-        bench_training(length, 0.10, causal=True, reps=reps),
+        *bench_training(length, 0.10, causal=False, reps=reps),
+        *bench_training(length, 0.10, causal=True, reps=reps),
     ]
     rows += bench_inference_vs_flex(1024 if quick else 2048, 0.10, reps=reps)
     return rows
@@ -131,7 +155,11 @@ def run(quick: bool = False, threads: int | None = None) -> list[dict]:
 def _print(rows: list[dict]) -> None:
     from common import machine_line, print_table
 
-    print_table(f"block-sparse attention, fp32, B=1 H=8 D=64 block 64 — {machine_line()}", rows, ("case", "density", "baseline", "baseline_ms", "spion_ms", "speedup"))
+    print_table(
+        f"block-sparse attention, fp32, B=1 H=8 D=64 block 64 — {machine_line()}",
+        rows,
+        ("case", "density", "baseline", "baseline_ms", "spion_ms", "speedup"),
+    )
 
 
 if __name__ == "__main__":

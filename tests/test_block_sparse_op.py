@@ -11,9 +11,9 @@ from spion_fx.kernels import (
     block_sparse_attention_bwd,
     block_sparse_attention_fwd,
     dense_block_mask,
+    native_cpu,
     reference_attention,
 )
-from spion_fx.kernels import native_cpu
 from spion_fx.kernels.block_sparse_cpu import dropout_keep_mask
 from spion_fx.kernels.reference import layout_block_grid
 

@@ -64,7 +64,9 @@ def _writable(directory: Path) -> Path:
             return directory
     except OSError:
         pass
-    fallback = Path(tempfile.gettempdir()) / f"spion_fx-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    fallback = (
+        Path(tempfile.gettempdir()) / f"spion_fx-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    )
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 
