@@ -153,3 +153,23 @@ def test_unwritable_cache_falls_back_to_a_temporary_directory(monkeypatch, tmp_p
     monkeypatch.setattr(native_cpu, "_state", {})
     assert native_cpu.library() is not None
     assert list((tmp_path / "tmp").glob("spion_fx-*/block_sparse_attention_*.so"))
+
+
+def test_layout_out_of_range_is_refused_not_read():
+    # The op can be called directly; the kernel must never index past k/v.
+    from spion_fx.kernels import block_sparse_attention_fwd
+
+    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 16, 4, seed=13))
+    layout = _layout(1, 2, 8, 1.0, seed=14)
+    bad = layout.kv_indices.clone()
+    bad[0, 0, 0] = 7
+    seed = torch.zeros((), dtype=torch.int64)
+    for kv_num, kv_idx in (
+        (layout.kv_num_blocks, bad),
+        (layout.kv_num_blocks + 5, layout.kv_indices),
+    ):
+        with pytest.raises(ValueError, match="out of range"):
+            block_sparse_attention_fwd(
+                q, k, v, kv_num, kv_idx, layout.q_num_blocks, layout.q_indices, 8, 0.5, False,
+                None, 0.0, seed, False,
+            )  # fmt: skip

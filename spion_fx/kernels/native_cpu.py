@@ -186,6 +186,21 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
+def _check_layout(kv_num: torch.Tensor, kv_idx: torch.Tensor, heads: int, nqb: int, nkb: int):
+    """The C++ kernel indexes memory with these numbers: refuse any that would leave q/k/v
+    (the op can be called directly, past ``block_sparse_attention``'s validation)."""
+    if kv_num.dim() != 2 or kv_idx.dim() != 3 or kv_num.shape != kv_idx.shape[:2]:
+        raise ValueError(f"bad layout shapes {tuple(kv_num.shape)} / {tuple(kv_idx.shape)}")
+    if kv_num.shape[0] not in (1, heads) or kv_num.shape[1] != nqb:
+        raise ValueError(
+            f"layout rows {tuple(kv_num.shape)} do not fit {heads} heads x {nqb} blocks"
+        )
+    if kv_num.numel() and (int(kv_num.min()) < 0 or int(kv_num.max()) > kv_idx.shape[2]):
+        raise ValueError("kv_num_blocks out of range")
+    if kv_idx.numel() and (int(kv_idx.min()) < 0 or int(kv_idx.max()) >= nkb):
+        raise ValueError(f"kv_indices out of range [0, {nkb})")
+
+
 class _Call:
     """The arguments shared by forward and backward."""
 
@@ -200,6 +215,11 @@ class _Call:
             else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
         )
         nkb = -(-lk // block)
+        _check_layout(self.kv_num, self.kv_idx, h, -(-lq // block), nkb)
+        if h % hkv != 0 or k.shape[0] != b or k.shape[3] != d:
+            raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
+            raise ValueError(f"key_padding_mask must be [B={b}, Lk={lk}]")
         self.shape = (ctypes.c_int64 * 6)(b, h, hkv, lq, lk, d)
         self.layout = (ctypes.c_int64 * 5)(*self.kv_idx.shape, nkb, block)
         self.threads = torch.get_num_threads()
