@@ -32,7 +32,7 @@ def _layout(heads, n_blocks, block, density, seed):
 
 
 def _check(q, k, v, layout, causal=False, kpm=None, tol=1e-6):
-    assert native_cpu.handles(q, 0.0, False)
+    assert native_cpu.handles(q.dtype, False)
     out = block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=kpm)
     ref, _ = reference_attention(q, k, v, layout, None, causal, kpm)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
@@ -124,14 +124,14 @@ def test_falls_back_without_a_compiler(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, not per call
         block_sparse_attention(q, k, v, layout)
-    assert not native_cpu.handles(q, 0.0, False)
+    assert not native_cpu.handles(q.dtype, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_in_float32(dtype):
     q, k, v = _inputs(1, 4, 2, 40, 8, dtype=dtype, seed=11)
     layout = _layout(1, 5, 8, 0.4, seed=12)
-    assert native_cpu.handles(q, 0.0, False)
+    assert native_cpu.handles(q.dtype, False)
     out = block_sparse_attention(q, k, v, layout, causal=True)
     wide = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref, _ = reference_attention(*wide, layout, None, True)
@@ -173,3 +173,37 @@ def test_layout_out_of_range_is_refused_not_read():
                 q, k, v, kv_num, kv_idx, layout.q_num_blocks, layout.q_indices, 8, 0.5, False,
                 None, 0.0, seed, False,
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_rate_and_independence(p):
+    keep = native_cpu.dropout_keep_mask(2, 3, 64, 96, p, torch.tensor(123))
+    assert keep.shape == (2, 3, 64, 96)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # distinct heads, batches and seeds draw different masks; the same seed the same one
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, native_cpu.dropout_keep_mask(2, 3, 64, 96, p, torch.tensor(123)))
+    assert not torch.equal(keep, native_cpu.dropout_keep_mask(2, 3, 64, 96, p, torch.tensor(124)))
+    # neighbouring keys and rows are uncorrelated
+    a, b = keep[..., :-1].float(), keep[..., 1:].float()
+    assert abs(((a - a.mean()) * (b - b.mean())).mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_and_backward_use_the_drawn_mask(causal):
+    from spion_fx.kernels import block_sparse_attention_fwd
+
+    q, k, v = _inputs(2, 4, 2, 45, 8, seed=15)  # GQA, ragged, runs of blocks
+    layout = _layout(4, 6, 8, 0.5, seed=16)
+    kpm = torch.rand(2, 45, generator=torch.Generator().manual_seed(17)) > 0.2
+    p, seed = 0.3, torch.tensor(99)
+    args = (layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks, layout.q_indices)
+    out, _ = block_sparse_attention_fwd(q, k, v, *args, 8, 0.4, causal, kpm, p, seed, False)
+    keep = native_cpu.dropout_keep_mask(2, 4, 45, 45, p, seed)
+    ref, _ = reference_attention(q, k, v, layout, 0.4, causal, kpm, dropout_keep=keep, dropout_p=p)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -1,8 +1,9 @@
 """CPU kernels for block-sparse attention: rows grouped by kv-block count, one fused SDPA per group.
 
 ``forward``/``backward`` first hand the call to the native kernel (``native_cpu``: C++ walking
-the layout in place, no gathers) when it takes it: no dropout, no compat, and a C++ compiler on
-the machine. What follows is the grouped kernel, built from PyTorch ops, which serves the rest.
+the layout in place, no gathers) when it takes it: anything but SPION-compat, given a C++
+compiler on the machine. What follows is the grouped kernel, built from PyTorch ops, which serves
+the rest.
 
 Why this shape (see DESIGN.md, "CPU kernel facts"): gathering each query-block row's kv blocks
 and running PyTorch's fused CPU flash attention once per group of rows with the same number of
@@ -679,10 +680,11 @@ def forward(
     seed: torch.Tensor,
     compat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if native_cpu.handles(q, dropout_p, compat):
+    if native_cpu.handles(q.dtype, compat):
         return native_cpu.forward(
-            q, k, v, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask
-        )
+            q, k, v, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask, dropout_p,
+            seed,
+        )  # fmt: skip
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     use_band = key_padding_mask is None and not compat and dropout_p == 0
@@ -742,10 +744,10 @@ def backward(
     seed: torch.Tensor,
     compat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if native_cpu.handles(q, dropout_p, compat):
+    if native_cpu.handles(q.dtype, compat):
         return native_cpu.backward(
             grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, block, scale, causal,
-            key_padding_mask,
+            key_padding_mask, dropout_p, seed,
         )  # fmt: skip
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -829,6 +831,8 @@ def dropout_keep_mask(
     """The dense keep-mask [B, H, Lq, Lk] the CPU kernel draws for ``seed`` (for testing)."""
     b, h, lq, _ = q_shape
     hkv, lk = k_shape[1], k_shape[2]
+    if native_cpu.handles(torch.float32, compat):  # every float dtype goes the same way
+        return native_cpu.dropout_keep_mask(b, h, lq, lk, dropout_p, seed)
     plan = get_plan(kv_num_blocks, kv_indices, block, lq, lk, causal, h // hkv)
     blk = _Blocks(b, h, hkv, lq, lk, block, plan.shared)
     gen = _generator(seed)

@@ -5,10 +5,11 @@ plain C++ with no PyTorch headers compiles in about a second. Its GEMMs call the
 PyTorch itself links (``sgemm_``/``dgemm_`` looked up in libtorch_cpu), its threads are
 PyTorch's OpenMP pool (``torch.get_num_threads()``).
 
-It serves calls without dropout or SPION-compat: float32 and float64 natively, bfloat16 and
-float16 computed in float32 (the conversions cost far less than the grouped kernel's bf16 path:
-measured 2x faster at L=4096). Dropout, compat, and every call when no compiler or BLAS symbol
-is found take the grouped kernel in ``block_sparse_cpu`` (a warning says why, once). ``SPION_FX_CPU_KERNEL=grouped`` forces the grouped kernel.
+It serves every call but SPION-compat: float32 and float64 natively, bfloat16 and float16
+computed in float32 (the conversions cost far less than the grouped kernel's bf16 path: measured
+2x faster at L=4096), attention dropout with a counter-hash keep mask (``dropout_keep_mask``)
+that the backward redraws from the seed. Compat, and every call when no compiler or BLAS symbol
+is found, take the grouped kernel in ``block_sparse_cpu`` (a warning says why, once). ``SPION_FX_CPU_KERNEL=grouped`` forces the grouped kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -33,7 +35,7 @@ SOURCE = Path(__file__).with_name("csrc") / "block_sparse_attention.cpp"
 _FLAGS = (
     "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
 )  # fmt: skip
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 # Most keys one GEMM covers when kv blocks are consecutive: 512 keys x 64 rows of scores stay in
 # L2 next to the q/k/v tiles (benchmarks/attention_cpu.py measured 256-1024 within noise).
 MAX_RUN_KEYS = 512
@@ -160,11 +162,11 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
-def handles(q: torch.Tensor, dropout_p: float, compat: bool) -> bool:
-    """Whether this call runs on the native kernel."""
+def handles(dtype: torch.dtype, compat: bool) -> bool:
+    """Whether a call with these inputs runs on the native kernel."""
     if os.environ.get("SPION_FX_CPU_KERNEL", "native") == "grouped":
         return False
-    if q.dtype not in _COMPUTE or dropout_p > 0 or compat:
+    if dtype not in _COMPUTE or compat:
         return False
     return library() is not None
 
@@ -204,7 +206,10 @@ def _check_layout(kv_num: torch.Tensor, kv_idx: torch.Tensor, heads: int, nqb: i
 class _Call:
     """The arguments shared by forward and backward."""
 
-    def __init__(self, q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask):
+    def __init__(
+        self, q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask, dropout_p,
+        seed,
+    ):  # fmt: skip
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         self.kv_num = kv_num_blocks.to(torch.int32).contiguous()
@@ -226,6 +231,7 @@ class _Call:
         self.head_args = (
             _DTYPES[q.dtype], self.shape, self.layout, _ptr(self.kv_num), _ptr(self.kv_idx),
             ctypes.c_double(scale), ctypes.c_int(int(causal)), _ptr(self.key_mask),
+            ctypes.c_double(dropout_p), ctypes.c_uint64(_seed_bits(seed)),
             ctypes.c_int64(MAX_RUN_KEYS), ctypes.c_int(self.threads),
         )  # fmt: skip
 
@@ -240,10 +246,14 @@ def forward(
     scale: float,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = q.dtype
     q, k, v = (_rows(t, _COMPUTE[dtype]) for t in (q, k, v))
-    call = _Call(q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask)
+    call = _Call(
+        q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask, dropout_p, seed
+    )
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     status = library().spion_bsa_forward(
@@ -268,11 +278,15 @@ def backward(
     scale: float,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype = q.dtype
     grad_out, q, k, v, out = (_rows(t, _COMPUTE[dtype]) for t in (grad_out, q, k, v, out))
     lse = lse.to(torch.float32).contiguous()
-    call = _Call(q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask)
+    call = _Call(
+        q, k, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask, dropout_p, seed
+    )
     b, hkv = k.shape[0], k.shape[1]
     # A work unit owns one kv head's dK/dV; with fewer kv heads than ~2 per thread the query
     # blocks are split in chunks that accumulate into separate slices, summed here.
@@ -291,3 +305,38 @@ def backward(
         raise RuntimeError(f"native block-sparse backward failed for {q.dtype}")
     dk, dv = (dk.sum(0), dv.sum(0)) if chunks > 1 else (dk[0], dv[0])
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+_U32 = 0xFFFFFFFF
+
+
+def _seed_bits(seed: torch.Tensor | int) -> int:
+    return int(seed) & 0xFFFFFFFFFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """csrc's fmix32 on int64 tensors holding uint32 values (products wrap; the low 32 bits
+    are what is kept)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _U32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _U32
+    return h ^ (h >> 16)
+
+
+def dropout_keep_mask(
+    batch: int, heads: int, q_len: int, kv_len: int, dropout_p: float, seed: torch.Tensor | int
+) -> torch.Tensor:
+    """The keep mask (bool [B, H, Lq, Lk]) the native kernel draws for this seed: element
+    (b, h, i, j) is kept iff fmix32(row_hash ^ j * 0x9E3779B9) >= floor(p * 2^32), row_hash mixing
+    the seed with the row id (b*H + h)*Lq + i. For tests and debugging."""
+    bits = _seed_bits(seed)
+    row = torch.arange(batch * heads * q_len, dtype=torch.int64)
+    lo = _fmix32((row & _U32) ^ (bits & _U32))
+    row_hash = _fmix32(lo ^ (row >> 32) ^ (bits >> 32))
+    key = (torch.arange(kv_len, dtype=torch.int64) * 0x9E3779B9) & _U32
+    mixed = _fmix32(row_hash[:, None] ^ key[None, :])
+    threshold = min(math.floor(dropout_p * 2.0**32), _U32)
+    return (mixed >= threshold).view(batch, heads, q_len, kv_len)

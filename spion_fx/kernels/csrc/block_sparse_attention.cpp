@@ -13,9 +13,13 @@
 //
 // Conventions are those of spion::block_sparse_attention (block_sparse_op.py): causal is
 // top-left aligned (key j visible to query i iff j <= i); key_padding_mask bytes, 1 = real
-// token; rows that see no key output 0 with lse = -inf. Row-major matrices throughout; the
+// token; rows that see no key output 0 with lse = -inf. Attention dropout keeps probability
+// (b, h, i, j) iff a counter hash of (seed, (b*H + h)*Lq + i, j) clears p (see dropout_keep;
+// native_cpu.dropout_keep_mask computes the same mask with tensor ops), so the backward redraws
+// the forward's mask from the seed alone. Row-major matrices throughout; the
 // column-major BLAS computes C^T = B^T A^T.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -89,6 +93,26 @@ inline float softmax_exp(float x) {
 
 inline double softmax_exp(double x) { return std::exp(x); }
 
+// murmur3's 32-bit finaliser: a cheap bijective mixer that vectorises (32-bit multiplies).
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Per query row (global row id (b*H + h)*Lq + i), hashed once; keys then cost one fmix32 each.
+inline uint32_t dropout_row_hash(uint64_t seed, uint64_t row) {
+  const uint32_t lo = fmix32(static_cast<uint32_t>(row) ^ static_cast<uint32_t>(seed));
+  return fmix32(lo ^ static_cast<uint32_t>(row >> 32) ^ static_cast<uint32_t>(seed >> 32));
+}
+
+inline bool dropout_keep(uint32_t row_hash, uint32_t key, uint32_t threshold) {
+  return fmix32(row_hash ^ (key * 0x9e3779b9u)) >= threshold;
+}
+
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -114,8 +138,15 @@ struct Problem {
   const uint8_t* key_mask;  // [B, Lk] or null
   int64_t max_run;          // most keys in one GEMM
   int threads;
+  bool dropout;
+  uint32_t drop_threshold;  // keep iff hash >= threshold = floor(p * 2^32)
+  double keep_scale;        // 1 / (1 - p)
+  uint64_t seed;
 
   int64_t group() const { return heads / kv_heads; }
+  uint64_t row_id(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<uint64_t>((b * heads + h) * lq + i);
+  }
   int64_t rows_in(int64_t qb) const { return std::min(block, lq - qb * block); }
 };
 
@@ -222,11 +253,23 @@ void forward_row_block(const Problem& pb, const Rows<const T>& q, const Rows<con
       }
       const T alpha = softmax_exp(m[r] - m_new);
       T sum = T(0);
+      if (pb.dropout) {  // the normaliser counts every probability, the output only kept ones
+        const uint32_t rh = dropout_row_hash(pb.seed, pb.row_id(b, h, q0 + r));
+        const uint32_t key0 = static_cast<uint32_t>(run.first_key);
+        const T kept = static_cast<T>(pb.keep_scale);
 #pragma omp simd reduction(+ : sum)
-      for (int c = 0; c < nc; ++c) {
-        const T p = softmax_exp(row[c] - m_new);
-        row[c] = p;
-        sum += p;
+        for (int c = 0; c < nc; ++c) {
+          const T p = softmax_exp(row[c] - m_new);
+          sum += p;
+          row[c] = dropout_keep(rh, key0 + c, pb.drop_threshold) ? p * kept : T(0);
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int c = 0; c < nc; ++c) {
+          const T p = softmax_exp(row[c] - m_new);
+          row[c] = p;
+          sum += p;
+        }
       }
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
@@ -267,7 +310,8 @@ void forward(const Problem& pb, const Rows<const T>& q, const Rows<const T>& k,
 
 // Gradients from one query-block row of one head: dQ rows written, dK/dV of its kv head
 // accumulated (the caller owns that kv head, so there is no race). P is recomputed from the
-// saved lse; dS = P * (dP - rowsum(dO * O)).
+// saved lse; with dropout mask Z (kept / (1 - p), else 0): dV += (P Z)^T dO and
+// dS = P * ((dO V^T) Z - rowsum(dO * O)).
 template <typename T>
 void backward_row_block(const Problem& pb, const Rows<const T>& dout, const Rows<const T>& q,
                         const Rows<const T>& k, const Rows<const T>& v,
@@ -313,15 +357,27 @@ void backward_row_block(const Problem& pb, const Rows<const T>& dout, const Rows
       for (int c = 0; c < nc; ++c) row[c] = softmax_exp(row[c] - shift);
     }
     rows_dot_rows<T>(nr, nc, d, T(1), do_rows, dout.ld(), v_run, v.ld(), ds);  // dP
-    accumulate_pt_x<T>(nr, nc, d, T(1), p, do_rows, dout.ld(), dv.at(b, hk, run.first_key),
-                       dv.ld());
     for (int r = 0; r < nr; ++r) {
-      const T* prow = p + static_cast<int64_t>(r) * nc;
+      T* prow = p + static_cast<int64_t>(r) * nc;
       T* row = ds + static_cast<int64_t>(r) * nc;
       const T dr = delta[r];
+      if (pb.dropout) {  // p becomes the dropped probabilities dV needs
+        const uint32_t rh = dropout_row_hash(pb.seed, pb.row_id(b, h, q0 + r));
+        const uint32_t key0 = static_cast<uint32_t>(run.first_key);
+        const T kept = static_cast<T>(pb.keep_scale);
 #pragma omp simd
-      for (int c = 0; c < nc; ++c) row[c] = prow[c] * (row[c] - dr);
+        for (int c = 0; c < nc; ++c) {
+          const T z = dropout_keep(rh, key0 + c, pb.drop_threshold) ? kept : T(0);
+          row[c] = prow[c] * (row[c] * z - dr);
+          prow[c] *= z;
+        }
+      } else {
+#pragma omp simd
+        for (int c = 0; c < nc; ++c) row[c] = prow[c] * (row[c] - dr);
+      }
     }
+    accumulate_pt_x<T>(nr, nc, d, T(1), p, do_rows, dout.ld(), dv.at(b, hk, run.first_key),
+                       dv.ld());
     accumulate_pt_x<T>(nr, nc, d, scale, ds, q_rows, q.ld(), dk.at(b, hk, run.first_key),
                        dk.ld());
     accumulate_p_y<T>(nr, nc, d, scale, ds, k_run, k.ld(), dq_rows, dq.ld());
@@ -370,7 +426,7 @@ Rows<const T> const_rows_of(const void* base, const int64_t* strides) {
 
 extern "C" {
 
-int spion_bsa_abi_version() { return 1; }
+int spion_bsa_abi_version() { return 2; }
 
 void spion_bsa_set_blas(void* sgemm, void* dgemm) {
   g_sgemm = reinterpret_cast<sgemm_fn>(sgemm);
@@ -379,7 +435,8 @@ void spion_bsa_set_blas(void* sgemm, void* dgemm) {
 
 static Problem make_problem(const int64_t* shape, const int64_t* layout, const int32_t* kv_num,
                             const int32_t* kv_idx, double scale, int causal,
-                            const uint8_t* key_mask, int64_t max_run, int threads) {
+                            const uint8_t* key_mask, double dropout_p, uint64_t seed,
+                            int64_t max_run, int threads) {
   Problem pb{};
   pb.batch = shape[0], pb.heads = shape[1], pb.kv_heads = shape[2];
   pb.lq = shape[3], pb.lk = shape[4], pb.dim = shape[5];
@@ -391,17 +448,23 @@ static Problem make_problem(const int64_t* shape, const int64_t* layout, const i
   pb.key_mask = key_mask;
   pb.max_run = max_run < pb.block ? pb.block : max_run;
   pb.threads = threads < 1 ? 1 : threads;
+  pb.dropout = dropout_p > 0.0;
+  pb.drop_threshold =
+      static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+  pb.keep_scale = pb.dropout ? 1.0 / (1.0 - dropout_p) : 1.0;
+  pb.seed = seed;
   return pb;
 }
 
 int spion_bsa_forward(int dtype, const int64_t* shape, const int64_t* layout,
                       const int32_t* kv_num, const int32_t* kv_idx, double scale, int causal,
-                      const uint8_t* key_mask, int64_t max_run, int threads, const void* q,
+                      const uint8_t* key_mask, double dropout_p, uint64_t seed,
+                      int64_t max_run, int threads, const void* q,
                       const int64_t* q_strides, const void* k, const int64_t* k_strides,
                       const void* v, const int64_t* v_strides, void* out,
                       const int64_t* out_strides, float* lse) {
   const Problem pb = make_problem(shape, layout, kv_num, kv_idx, scale, causal, key_mask,
-                                  max_run, threads);
+                                  dropout_p, seed, max_run, threads);
   if (dtype == 0 && g_sgemm != nullptr) {
     forward<float>(pb, const_rows_of<float>(q, q_strides), const_rows_of<float>(k, k_strides),
                    const_rows_of<float>(v, v_strides), rows_of<float>(out, out_strides), lse);
@@ -418,14 +481,14 @@ int spion_bsa_forward(int dtype, const int64_t* shape, const int64_t* layout,
 
 int spion_bsa_backward(int dtype, const int64_t* shape, const int64_t* layout,
                        const int32_t* kv_num, const int32_t* kv_idx, double scale, int causal,
-                       const uint8_t* key_mask, int64_t max_run, int threads,
-                       const void* dout, const int64_t* dout_strides, const void* q,
+                       const uint8_t* key_mask, double dropout_p, uint64_t seed,
+                       int64_t max_run, int threads, const void* dout, const int64_t* dout_strides, const void* q,
                        const int64_t* q_strides, const void* k, const int64_t* k_strides,
                        const void* v, const int64_t* v_strides, const void* out,
                        const int64_t* out_strides, const float* lse, void* dq,
                        const int64_t* dq_strides, void* dk, void* dv, int64_t chunks) {
   const Problem pb = make_problem(shape, layout, kv_num, kv_idx, scale, causal, key_mask,
-                                  max_run, threads);
+                                  dropout_p, seed, max_run, threads);
   if (dtype == 0 && g_sgemm != nullptr) {
     backward<float>(pb, const_rows_of<float>(dout, dout_strides),
                     const_rows_of<float>(q, q_strides), const_rows_of<float>(k, k_strides),
