@@ -1,9 +1,10 @@
 """Property tests (hypothesis) for the block-sparse attention kernels and pattern generation.
 
-- the CPU op `block_sparse_attention` against `reference_attention` in float64, forward and
-  gradients, over random batch / heads / GQA groups / lengths (not multiples of the block) /
-  head dims / block sizes / block densities (empty rows, diagonal only, random, dense) /
-  causal / key padding (fully padded batch rows included: their outputs must be 0);
+- the CPU op `block_sparse_attention` (both CPU kernels: native and grouped) against
+  `reference_attention` in float64, forward and gradients, over random batch / heads / GQA groups /
+  lengths (not multiples of the block) / head dims / block sizes / block densities (empty rows,
+  diagonal only, random, dense) / causal / key padding (fully padded batch rows included: their
+  outputs must be 0) / attention dropout (reference given the keep mask the kernel drew);
 - the Triton launchers under the interpreter (TRITON_INTERPRET=1 is set by conftest.py when
   there is no GPU) against the same float64 reference, on tiny shapes;
 - `generate_pattern` on random matrices: shape, dtype, diagonal, causal, determinism.
@@ -13,14 +14,16 @@ Nothing here changes global state: every tensor comes from a local torch.Generat
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spion_fx.kernels import BlockLayout, block_sparse_attention, reference_attention
+from spion_fx.kernels import BlockLayout, reference_attention
 from spion_fx.runtime.pattern import generate_pattern
 
 FUZZ = settings(
@@ -100,17 +103,55 @@ def _assert_empty_rows_zero(out, layout, case):
 # ----------------------------------------------------------------------------------- CPU op
 
 
+@contextlib.contextmanager
+def _cpu_kernel(name: str):
+    """Run on one CPU kernel (env var, not monkeypatch: hypothesis forbids function fixtures)."""
+    from spion_fx.kernels import native_cpu
+
+    if name == "native" and native_cpu.library() is None:
+        pytest.skip("no C++ compiler: the native CPU kernel is unavailable")
+    before = os.environ.get("SPION_FX_CPU_KERNEL")
+    os.environ["SPION_FX_CPU_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPION_FX_CPU_KERNEL"]
+        else:
+            os.environ["SPION_FX_CPU_KERNEL"] = before
+
+
+@pytest.mark.parametrize("kernel", ["native", "grouped"])
 @FUZZ
-@given(attention_cases())
-def test_cpu_op_matches_reference(case):
+@given(case=attention_cases(), dropout_p=st.sampled_from([0.0, 0.0, 0.3]))
+def test_cpu_op_matches_reference(kernel, case, dropout_p):
+    from spion_fx.kernels import block_sparse_attention_fwd
+    from spion_fx.kernels.block_sparse_cpu import dropout_keep_mask
+
     q, k, v, grad = _inputs(case, torch.float64)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     layout = BlockLayout.from_dense(case["grid"], case["bs"])
-    out = block_sparse_attention(q, k, v, layout, causal=case["causal"], key_padding_mask=case["kpm"])
-    (rq, rk, rv), ref, _ = _reference(q, k, v, layout, case)
+    seed = torch.tensor(case["seed"], dtype=torch.int64)
+    with _cpu_kernel(kernel):
+        out, _ = block_sparse_attention_fwd(
+            q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.q_num_blocks,
+            layout.q_indices, case["bs"], q.shape[-1] ** -0.5, case["causal"], case["kpm"],
+            dropout_p, seed, False,
+        )  # fmt: skip
+        keep = None
+        if dropout_p:
+            keep = dropout_keep_mask(
+                tuple(q.shape), tuple(k.shape), layout.kv_num_blocks, layout.kv_indices,
+                case["bs"], case["causal"], dropout_p, seed,
+            )  # fmt: skip
+        got = torch.autograd.grad(out, (q, k, v), grad)
+    rq, rk, rv = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref, _ = reference_attention(
+        rq, rk, rv, layout, None, case["causal"], case["kpm"], dropout_keep=keep,
+        dropout_p=dropout_p,
+    )  # fmt: skip
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     _assert_empty_rows_zero(out.detach(), layout, case)
-    got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (rq, rk, rv), grad)
     for name, g, w in zip("qkv", got, want):
         assert torch.isfinite(g).all(), f"d{name} not finite"
