@@ -8,7 +8,6 @@ rows for ``benchmarks/run_cpu.py``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from spion_fx.kernels import (  # noqa: E402
     BlockLayout,
     block_sparse_attention,
     block_sparse_attention_fwd,
+    native_cpu,
 )
 
 
@@ -45,15 +45,8 @@ def _on_grouped_kernel(step):
     fallback: what the C++ kernel buys, measured in the same run."""
 
     def grouped_step() -> None:
-        before = os.environ.get("SPION_FX_CPU_KERNEL")
-        os.environ["SPION_FX_CPU_KERNEL"] = "grouped"
-        try:
+        with native_cpu.use_kernel("grouped"):
             step()
-        finally:
-            if before is None:
-                del os.environ["SPION_FX_CPU_KERNEL"]
-            else:
-                os.environ["SPION_FX_CPU_KERNEL"] = before
 
     return grouped_step
 

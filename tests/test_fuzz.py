@@ -14,9 +14,7 @@ Nothing here changes global state: every tensor comes from a local torch.Generat
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import pytest
 import torch
@@ -103,22 +101,13 @@ def _assert_empty_rows_zero(out, layout, case):
 # ----------------------------------------------------------------------------------- CPU op
 
 
-@contextlib.contextmanager
 def _cpu_kernel(name: str):
-    """Run on one CPU kernel (env var, not monkeypatch: hypothesis forbids function fixtures)."""
+    """Run on one CPU kernel (a context, not monkeypatch: hypothesis forbids function fixtures)."""
     from spion_fx.kernels import native_cpu
 
     if name == "native" and native_cpu.library() is None:
         pytest.skip("no C++ compiler: the native CPU kernel is unavailable")
-    before = os.environ.get("SPION_FX_CPU_KERNEL")
-    os.environ["SPION_FX_CPU_KERNEL"] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["SPION_FX_CPU_KERNEL"]
-        else:
-            os.environ["SPION_FX_CPU_KERNEL"] = before
+    return native_cpu.use_kernel(name)
 
 
 @pytest.mark.parametrize("kernel", ["native", "grouped"])

@@ -207,3 +207,13 @@ def test_dropout_forward_and_backward_use_the_drawn_mask(causal):
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_use_kernel_switches_and_restores(monkeypatch):
+    monkeypatch.delenv("SPION_FX_CPU_KERNEL", raising=False)
+    with native_cpu.use_kernel("grouped"):
+        assert not native_cpu.handles(torch.float32, False)
+    assert native_cpu.handles(torch.float32, False)
+    with pytest.raises(ValueError, match="native' or 'grouped"):
+        with native_cpu.use_kernel("fast"):
+            pass

@@ -9,14 +9,15 @@ It serves every call but SPION-compat: float32 and float64 natively, bfloat16 an
 computed in float32 (the conversions cost far less than the grouped kernel's bf16 path: measured
 2x faster at L=4096), attention dropout with a counter-hash keep mask (``dropout_keep_mask``)
 that the backward redraws from the seed. Compat, and every call when no compiler or BLAS symbol
-is found, take the grouped kernel in ``block_sparse_cpu`` (a warning says why, once). ``SPION_FX_CPU_KERNEL=grouped`` forces the grouped kernel.
+is found, take the grouped kernel in ``block_sparse_cpu`` (a warning says why, once).
+``SPION_FX_CPU_KERNEL=grouped`` (or ``use_kernel("grouped")``) forces the grouped kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
-import logging
 import math
 import os
 import platform
@@ -25,17 +26,16 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "block_sparse_attention.cpp"
 _FLAGS = (
     "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
 )  # fmt: skip
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 # Most keys one GEMM covers when kv blocks are consecutive: 512 keys x 64 rows of scores stay in
 # L2 next to the q/k/v tiles (benchmarks/attention_cpu.py measured 256-1024 within noise).
 MAX_RUN_KEYS = 512
@@ -45,6 +45,7 @@ _COMPUTE = {
     torch.bfloat16: torch.float32, torch.float16: torch.float32,
 }  # fmt: skip
 
+_KERNEL_ENV = "SPION_FX_CPU_KERNEL"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -162,9 +163,26 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Run the enclosed calls on one CPU kernel, "native" or "grouped" (sets
+    ``SPION_FX_CPU_KERNEL``, which ``handles`` reads at every call; restored on exit)."""
+    if name not in ("native", "grouped"):
+        raise ValueError(f"CPU kernel must be 'native' or 'grouped', got {name!r}")
+    before = os.environ.get(_KERNEL_ENV)
+    os.environ[_KERNEL_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_KERNEL_ENV, None)
+        else:
+            os.environ[_KERNEL_ENV] = before
+
+
 def handles(dtype: torch.dtype, compat: bool) -> bool:
     """Whether a call with these inputs runs on the native kernel."""
-    if os.environ.get("SPION_FX_CPU_KERNEL", "native") == "grouped":
+    if os.environ.get(_KERNEL_ENV, "native") == "grouped":
         return False
     if dtype not in _COMPUTE or compat:
         return False
@@ -226,7 +244,7 @@ class _Call:
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
             raise ValueError(f"key_padding_mask must be [B={b}, Lk={lk}]")
         self.shape = (ctypes.c_int64 * 6)(b, h, hkv, lq, lk, d)
-        self.layout = (ctypes.c_int64 * 5)(*self.kv_idx.shape, nkb, block)
+        self.layout = (ctypes.c_int64 * 4)(*self.kv_idx.shape, block)
         self.threads = torch.get_num_threads()
         self.head_args = (
             _DTYPES[q.dtype], self.shape, self.layout, _ptr(self.kv_num), _ptr(self.kv_idx),
