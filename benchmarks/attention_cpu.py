@@ -22,8 +22,8 @@ from spion_fx.kernels import (  # noqa: E402
     BlockLayout,
     block_sparse_attention,
     block_sparse_attention_fwd,
-    native_cpu,
 )
+from spion_fx.kernels.attention import native_cpu  # noqa: E402
 
 
 def spion_like_layout(n_blocks: int, block: int, density: float, seed: int = 0) -> BlockLayout:

@@ -58,9 +58,12 @@ def main() -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from spion_fx.kernels.blockmask import layout_to_block_mask
-    from spion_fx.kernels.layout import BlockLayout
-    from spion_fx.kernels.triton_attention import triton_block_sparse_bwd, triton_block_sparse_fwd
+    from spion_fx.kernels.attention.blockmask import layout_to_block_mask
+    from spion_fx.kernels.attention.layout import BlockLayout
+    from spion_fx.kernels.attention.triton_attention import (
+        triton_block_sparse_bwd,
+        triton_block_sparse_fwd,
+    )
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     flex = torch.compile(flex_attention, dynamic=False)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import fwd_bwd_step, interleaved_medians, print_table, random_qkv  # noqa: E402
 
-from spion_fx.kernels.hsa import hsa_mask, hybrid_sparse_attention  # noqa: E402
+from spion_fx.kernels.attention.hsa import hsa_mask, hybrid_sparse_attention  # noqa: E402
 
 
 def _row(case: str, length: int, stride: int, local: int, dense_s: float, hsa_s: float) -> dict:

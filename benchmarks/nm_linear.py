@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spion_fx.kernels.nm_packed import PackedNMLinear, pack_nm, packed_linear_cpu
+from spion_fx.kernels.nm.packed import PackedNMLinear, pack_nm, packed_linear_cpu
 from spion_fx.runtime.nm import nm_mask
 
 PATTERNS = [(2, 4), (1, 8), (1, 16)]
@@ -78,8 +78,8 @@ def gpu_time(quick: bool) -> list[dict]:
     if not torch.cuda.is_available():
         print("GPU benchmark skipped: CUDA is not available on this machine.")
         return [{"kind": "gpu_time", "skipped": "no CUDA"}]
-    from spion_fx.kernels import triton_nm
-    from spion_fx.kernels.nm_packed import index_bits
+    from spion_fx.kernels.nm import triton_nm
+    from spion_fx.kernels.nm.packed import index_bits
 
     tokens, in_f, out_f = (2048, 4096, 4096) if quick else (8192, 4096, 4096)
     dev, dt = "cuda", torch.bfloat16

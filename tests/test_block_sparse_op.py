@@ -11,11 +11,11 @@ from spion_fx.kernels import (
     block_sparse_attention_bwd,
     block_sparse_attention_fwd,
     dense_block_mask,
-    native_cpu,
     reference_attention,
 )
-from spion_fx.kernels.block_sparse_cpu import dropout_keep_mask
-from spion_fx.kernels.reference import layout_block_grid
+from spion_fx.kernels.attention import native_cpu
+from spion_fx.kernels.attention.block_sparse_cpu import dropout_keep_mask
+from spion_fx.kernels.attention.reference import layout_block_grid
 
 BLOCK = 4
 
@@ -274,7 +274,7 @@ def test_validation(change, match):
 @pytest.mark.parametrize("heads", [(4, 2, 1), (4, 4, 4)], ids=["shared_gqa", "per_head"])
 def test_band_path(length, causal, heads):
     # A full tri-diagonal band takes the strided-window path (no gather) for interior rows.
-    from spion_fx.kernels.block_sparse_cpu import get_plan
+    from spion_fx.kernels.attention.block_sparse_cpu import get_plan
 
     h, hkv, hp = heads
     nb = nblocks(length)
@@ -292,7 +292,7 @@ def test_band_path(length, causal, heads):
 
 
 def test_no_grad_flex_route_matches_reference(monkeypatch):
-    import spion_fx.kernels.block_sparse_op as op_module
+    import spion_fx.kernels.attention.block_sparse_op as op_module
 
     monkeypatch.setattr(op_module, "FLEX_NO_GRAD_MIN_ELEMENTS", 0)
     torch._dynamo.reset()
@@ -311,7 +311,7 @@ def test_no_grad_flex_route_matches_reference(monkeypatch):
 def test_workspace_reuse_across_inference_mode_and_size_cap(monkeypatch):
     """Gathers go through a per-thread scratch workspace: results must not depend on whether it
     is reused, first allocated under inference mode, or bypassed above its size cap."""
-    from spion_fx.kernels import block_sparse_cpu
+    from spion_fx.kernels.attention import block_sparse_cpu
 
     monkeypatch.setattr(block_sparse_cpu, "_WORKSPACE", block_sparse_cpu._Workspace())
     layout = random_layout(1, nblocks(37), nblocks(37), 0.4, seed=3)

@@ -8,8 +8,12 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from spion_fx.kernels.blockmask import block_mask_to_layout, layout_grid, layout_to_block_mask
-from spion_fx.kernels.layout import BlockLayout
+from spion_fx.kernels.attention.blockmask import (
+    block_mask_to_layout,
+    layout_grid,
+    layout_to_block_mask,
+)
+from spion_fx.kernels.attention.layout import BlockLayout
 
 
 def random_layout(heads: int, nqb: int, nkb: int, bs: int, seed: int = 0) -> BlockLayout:

@@ -86,7 +86,7 @@ def _reference(q, k, v, layout, case):
 
 def _assert_empty_rows_zero(out, layout, case):
     """Rows that see no key at all (padding, causal, empty pattern rows) must output exactly 0."""
-    from spion_fx.kernels.reference import dense_block_mask
+    from spion_fx.kernels.attention.reference import dense_block_mask
 
     lq = out.shape[2]
     visible = dense_block_mask(layout, lq, lq, case["causal"], case["kpm"])
@@ -103,7 +103,7 @@ def _assert_empty_rows_zero(out, layout, case):
 
 def _cpu_kernel(name: str):
     """Run on one CPU kernel (a context, not monkeypatch: hypothesis forbids function fixtures)."""
-    from spion_fx.kernels import native_cpu
+    from spion_fx.kernels.attention import native_cpu
 
     if name == "native" and native_cpu.library() is None:
         pytest.skip("no C++ compiler: the native CPU kernel is unavailable")
@@ -115,7 +115,7 @@ def _cpu_kernel(name: str):
 @given(case=attention_cases(), dropout_p=st.sampled_from([0.0, 0.0, 0.3]))
 def test_cpu_op_matches_reference(kernel, case, dropout_p):
     from spion_fx.kernels import block_sparse_attention_fwd
-    from spion_fx.kernels.block_sparse_cpu import dropout_keep_mask
+    from spion_fx.kernels.attention.block_sparse_cpu import dropout_keep_mask
 
     q, k, v, grad = _inputs(case, torch.float64)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
@@ -154,7 +154,7 @@ def test_cpu_op_matches_reference(kernel, case, dropout_p):
 
 def _triton():
     pytest.importorskip("triton")
-    from spion_fx.kernels import triton_attention
+    from spion_fx.kernels.attention import triton_attention
 
     if not triton_attention.INTERPRET and not torch.cuda.is_available():
         pytest.skip("compiled Triton needs CUDA; TRITON_INTERPRET=1 is not set")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spion_fx.kernels.hsa import hsa_mask, hybrid_sparse_attention
+from spion_fx.kernels.attention.hsa import hsa_mask, hybrid_sparse_attention
 
 
 def _reference(q, k, v, visible, scale):
@@ -48,7 +48,7 @@ def test_matches_dense_reference(length, stride, local, padded):
 def test_device_generic_parts_match_reference(monkeypatch):
     """Off CPU the window and strided parts run on the block-sparse op (lower-triangular layout,
     several blocks at this length); that route is exercised here on CPU."""
-    import spion_fx.kernels.hsa as hsa
+    import spion_fx.kernels.attention.hsa as hsa
 
     monkeypatch.setattr(hsa, "_fused_cpu", lambda q: False)
     torch.manual_seed(3)
@@ -64,7 +64,7 @@ def test_device_generic_parts_match_reference(monkeypatch):
 def _dense_keep(out, q, k):
     """The dense [B, H, L, L] dropout keep-mask a local+strided call drew (diagonal blocks from the
     op's seeded generator, the two other parts from the masks the backward node holds)."""
-    from spion_fx.kernels import block_sparse_cpu
+    from spion_fx.kernels.attention import block_sparse_cpu
 
     node = out.grad_fn
     seed = node.saved_tensors[-1]
@@ -117,7 +117,7 @@ def test_dropout_matches_reference_with_the_same_keep_mask(padded):
 
 
 def test_block_level_part_runs_on_the_block_sparse_op(monkeypatch):
-    import spion_fx.kernels.block_sparse_op as op
+    import spion_fx.kernels.attention.block_sparse_op as op
 
     calls = []
     original = op.block_sparse_attention_fwd

@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from spion_fx.kernels import BlockLayout, block_sparse_attention, native_cpu, reference_attention
+from spion_fx.kernels import BlockLayout, block_sparse_attention, reference_attention
+from spion_fx.kernels.attention import native_cpu
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 

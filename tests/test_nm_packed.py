@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spion_fx.kernels.nm_packed import (
+from spion_fx.kernels.nm.packed import (
     PackedNMLinear,
     index_bits,
     pack_nm,

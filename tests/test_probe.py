@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spion_fx.kernels import probe as P
+from spion_fx.kernels.attention import probe as P
 
 
 def _want(q, k, scale, causal, keep=None, bias=None):

@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from spion_fx.kernels.layout import BlockLayout  # noqa: E402
-from spion_fx.kernels.triton_attention import (  # noqa: E402
+from spion_fx.kernels.attention.layout import BlockLayout  # noqa: E402
+from spion_fx.kernels.attention.triton_attention import (  # noqa: E402
     INTERPRET,
     dropout_keep_mask,
     triton_block_sparse_bwd,
@@ -37,7 +37,7 @@ if DEVICE == "cuda":  # TF32 dots on GPU
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 reference (private, so these tests do not depend on spion_fx.kernels.reference)
+# float64 reference (private, so these tests do not depend on spion_fx.kernels.attention.reference)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -291,12 +291,12 @@ def test_rejects_bad_inputs():
         triton_block_sparse_fwd(q, q, q, *lay, 16, 1.0, False, None, 1.0, seed, False)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("spion_fx.kernels.block_sparse_op") is None,
-                    reason="spion_fx.kernels.block_sparse_op not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("spion_fx.kernels.attention.block_sparse_op") is None,
+                    reason="spion_fx.kernels.attention.block_sparse_op not written yet")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA registration needs a GPU")
 def test_through_registered_op():  # pragma: no cover - needs a GPU
-    pytest.importorskip("spion_fx.kernels.block_sparse_op")
-    from spion_fx.kernels.triton_registration import register_cuda_kernels
+    pytest.importorskip("spion_fx.kernels.attention.block_sparse_op")
+    from spion_fx.kernels.attention.triton_registration import register_cuda_kernels
 
     assert register_cuda_kernels()
     assert register_cuda_kernels()  # idempotent
@@ -314,7 +314,7 @@ def test_through_registered_op():  # pragma: no cover - needs a GPU
 
 
 def test_registration_is_safe_without_op_module():
-    from spion_fx.kernels.triton_registration import register_cuda_kernels
+    from spion_fx.kernels.attention.triton_registration import register_cuda_kernels
 
     # Returns a bool either way and never raises (no op module yet, or no CUDA).
     assert register_cuda_kernels() in (True, False)
@@ -322,8 +322,8 @@ def test_registration_is_safe_without_op_module():
 
 @pytest.mark.parametrize("compat", [False, True])
 def test_agrees_with_project_reference(compat):
-    """Same conventions as spion_fx.kernels.reference (the CPU op's ground truth)."""
-    ref_mod = pytest.importorskip("spion_fx.kernels.reference")
+    """Same conventions as spion_fx.kernels.attention.reference (the CPU op's ground truth)."""
+    ref_mod = pytest.importorskip("spion_fx.kernels.attention.reference")
     torch.manual_seed(5)
     b, h, lq, d, bs = 2, 2, 56, 32, 16
     q, k, v = (torch.randn(b, h, lq, d, device=DEVICE) for _ in range(3))

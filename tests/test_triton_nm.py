@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from spion_fx.kernels import triton_nm  # noqa: E402
-from spion_fx.kernels.nm_packed import PackedNMLinear, index_bits, pack_nm  # noqa: E402
+from spion_fx.kernels.nm import triton_nm  # noqa: E402
+from spion_fx.kernels.nm.packed import PackedNMLinear, index_bits, pack_nm  # noqa: E402
 from spion_fx.runtime.nm import nm_mask  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -1,12 +1,20 @@
-"""Kernels: block layout, the ``spion::block_sparse_attention`` op and its float64 reference."""
+"""Kernels, usable on their own (they import nothing else of spion_fx).
 
-from .block_sparse_op import (
+- ``kernels.attention``: block layout, ``spion::block_sparse_attention`` (CPU kernels, Triton on
+  CUDA), the attention probe op, HSA, float64 reference.
+- ``kernels.nm``: packed N:M weights and their matmuls (CPU, Triton).
+
+The attention op's public names are re-exported here.
+"""
+
+from .attention import (
+    BlockLayout,
     block_sparse_attention,
     block_sparse_attention_bwd,
     block_sparse_attention_fwd,
+    dense_block_mask,
+    reference_attention,
 )
-from .layout import BlockLayout
-from .reference import dense_block_mask, reference_attention
 
 __all__ = [
     "BlockLayout",
@@ -16,16 +24,3 @@ __all__ = [
     "dense_block_mask",
     "reference_attention",
 ]
-
-
-def _register_gpu_kernels() -> None:
-    """On a CUDA machine the op's CUDA implementation is the fused Triton kernel."""
-    import torch
-
-    if torch.cuda.is_available():
-        from .triton_registration import register_cuda_kernels
-
-        register_cuda_kernels()
-
-
-_register_gpu_kernels()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spion_fx.kernels.nm_packed import PackedNMLinear
+from spion_fx.kernels.nm.packed import PackedNMLinear
 from spion_fx.runtime.linear_controller import LinearSparsityController
 from spion_fx.runtime.linear_site import NM_METHODS, LinearSparsitySite
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spion_fx.kernels import probe as probe_op
-from spion_fx.kernels.layout import BlockLayout
+from spion_fx.kernels.attention import probe as probe_op
+from spion_fx.kernels.attention.layout import BlockLayout
 from spion_fx.policy import AttentionPolicy
 
 PHASE_DENSE, PHASE_SPARSE = 0, 1
@@ -221,7 +221,7 @@ class AttentionSiteModule(nn.Module):
         )
 
     def _hybrid_sparse(self, q, k, v, mask, scale):
-        from spion_fx.kernels.hsa import hybrid_sparse_attention
+        from spion_fx.kernels.attention.hsa import hybrid_sparse_attention
 
         key_padding = None
         if mask is not None and self.spec.mask_kind != "none":

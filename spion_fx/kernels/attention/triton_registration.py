@@ -1,7 +1,7 @@
 """Registers the Triton kernels as the CUDA implementation of the spion attention ops.
 
 The ops themselves (schema, CPU kernel, fake/meta kernel, autograd) are defined in
-``spion_fx.kernels.block_sparse_op``; this module only adds the "cuda" dispatch key. It is safe
+``spion_fx.kernels.attention.block_sparse_op``; this module only adds the "cuda" dispatch key. It is safe
 to call any number of times, and safe to call before that module exists (returns False).
 """
 
@@ -37,13 +37,13 @@ def register_cuda_kernels() -> bool:
         try:
             # Defining the ops is that module's job; importing it first makes sure the schema
             # exists before we attach a kernel to it.
-            importlib.import_module("spion_fx.kernels.block_sparse_op")
+            importlib.import_module("spion_fx.kernels.attention.block_sparse_op")
         except ImportError:
             return False
         if not (_op_defined(_FWD_OP) and _op_defined(_BWD_OP)):
             return False
         try:
-            from spion_fx.kernels.triton_attention import (
+            from spion_fx.kernels.attention.triton_attention import (
                 triton_block_sparse_bwd,
                 triton_block_sparse_fwd,
             )

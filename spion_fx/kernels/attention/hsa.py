@@ -24,14 +24,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from spion_fx.kernels.block_sparse_cpu import (
+from spion_fx.kernels.attention.block_sparse_cpu import (
     additive_mask,
     flash_bwd,
     flash_fwd,
     math_attention,
     math_attention_backward,
 )
-from spion_fx.kernels.layout import BlockLayout
+from spion_fx.kernels.attention.layout import BlockLayout
 
 
 def hybrid_sparse_attention(
@@ -123,7 +123,7 @@ class _LocalPlusStrided(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, stride, local, scale, key_padding_mask, dropout_p):
-        from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
+        from spion_fx.kernels.attention.block_sparse_op import block_sparse_attention_fwd
 
         layout = _layout("diagonal", q.shape[-2], local, q)
         if dropout_p > 0:
@@ -162,7 +162,7 @@ class _LocalPlusStrided(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
+        from spion_fx.kernels.attention.block_sparse_op import block_sparse_attention_bwd
 
         q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
         layout = ctx.layout
@@ -295,7 +295,7 @@ def _causal_with_lse(q, k, v, scale):
     op with a lower-triangular layout elsewhere (the Triton kernel on CUDA)."""
     if _fused_cpu(q):
         return flash_fwd(q, k, v, 0.0, True, scale=scale)
-    from spion_fx.kernels.block_sparse_op import block_sparse_attention_fwd
+    from spion_fx.kernels.attention.block_sparse_op import block_sparse_attention_fwd
 
     layout, block = _layout("lower_triangular", q.shape[-2], _TRIANGLE_BLOCK, q), _TRIANGLE_BLOCK
     return block_sparse_attention_fwd(
@@ -308,7 +308,7 @@ def _causal_with_lse_backward(grad_out, q, k, v, out, lse, scale):
     if _fused_cpu(q):
         lse = lse.to(torch.promote_types(q.dtype, torch.float32))
         return flash_bwd(grad_out.contiguous(), q, k, v, out, lse, 0.0, True, scale=scale)
-    from spion_fx.kernels.block_sparse_op import block_sparse_attention_bwd
+    from spion_fx.kernels.attention.block_sparse_op import block_sparse_attention_bwd
 
     layout, block = _layout("lower_triangular", q.shape[-2], _TRIANGLE_BLOCK, q), _TRIANGLE_BLOCK
     return block_sparse_attention_bwd(
@@ -326,7 +326,7 @@ def _layout(kind: str, length: int, block: int, like: torch.Tensor) -> BlockLayo
     """The diagonal / lower-triangular layout for ``length`` tokens, cached in eager mode (so the
     op's plan cache sees the same tensors every step); built afresh, by traceable arange ops,
     while Dynamo or AOT autograd trace."""
-    from spion_fx.kernels.block_sparse_op import _is_traced
+    from spion_fx.kernels.attention.block_sparse_op import _is_traced
 
     blocks = -(-length // block)
     build = BlockLayout.diagonal if kind == "diagonal" else BlockLayout.lower_triangular

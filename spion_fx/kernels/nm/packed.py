@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spion_fx.kernels import triton_nm
+from spion_fx.kernels.nm import triton_nm
 
 
 def index_bits(m: int) -> int:

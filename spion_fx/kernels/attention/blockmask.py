@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from spion_fx.kernels.layout import BlockLayout
+from spion_fx.kernels.attention.layout import BlockLayout
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
