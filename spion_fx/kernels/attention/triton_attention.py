@@ -24,11 +24,30 @@ Conventions (shared with the CPU kernels and the float64 reference):
 
 Internally the softmax runs in the log2 domain (``exp2``, scores pre-multiplied by log2(e)) in
 fp32; the stored lse is converted back to natural log.
+
+Compilation and launch (what makes a pattern switch cheap and small shapes fast):
+
+* Nothing about the pattern is a compile-time constant: the walk over a layout row is bounded by
+  the row's own ``kv_num_blocks`` at run time, and the diagonal/edge split of a row is counted in
+  fixed-width chunks. A new pattern, or another layer's pattern, reuses the compiled kernels.
+* Tiles come from a fixed table keyed by (kernel, head dim, dtype, pattern block), not from
+  autotuning, so the first call after a switch compiles at most one kernel per variant and times
+  nothing. The only shape rule: when the grid would leave SMs idle (short sequences), query tiles
+  (kv tiles for dK/dV) drop to 64 rows inside the pattern block, doubling the programs.
+  ``SPION_TRITON_AUTOTUNE=1`` (read at import) swaps the table for autotuning keyed by the
+  sequence lengths too -- an offline tool for finding table entries, not for training runs.
+* The launchers never read device memory on the host: no ``.item()``, no host-side layout
+  preprocessing; a CPU seed is passed by value (no host-to-device copy, which PyTorch performs
+  synchronously for pageable memory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,6 +56,7 @@ import triton.language as tl
 # Read when this module is imported, as triton.jit does: the kernels below are either compiled
 # JITFunctions or interpreter functions for the whole process.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE: bool = os.environ.get("SPION_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 
 LOG2E: float = 1.4426950408889634
 LN2: float = 0.6931471805599453
@@ -45,9 +65,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_PATTERN_BLOCKS = (16, 32, 64, 128)
 MAX_HEAD_DIM = 256
 
-# Fixed tile under the interpreter: autotuning there only multiplies an already slow run.
-# 16 is the smallest tile tl.dot accepts and divides every supported pattern block.
-_INTERPRET_TILE = 16
+# Width of the vector loads that count a layout row's entries below a limit; a constant, so the
+# longest row of a pattern never becomes a compile-time parameter.
+ROW_CHUNK = 32
+
+# Seeds are split into two non-negative int32 halves so that every seed launches the same
+# specialisation (Triton types and specialises integer arguments by value).
+_SEED_BITS = 31
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,12 +98,39 @@ def _dropout_keep(seed, rng_base, offs_row, offs_col, Lk, dropout_p):
 
 
 @triton.jit
-def _count_below(idx_row, n, limit, MAXN: tl.constexpr):
+def _seed(SEED, seed_lo, seed_hi, HAS_DROPOUT: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
+    if HAS_DROPOUT:
+        if SEED_IN_MEMORY:
+            seed = tl.load(SEED)
+        else:
+            seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
+    else:
+        seed = 0
+    return seed
+
+
+@triton.jit
+def _row_counts(idx_row, n, full_limit, end_limit, CHUNK: tl.constexpr):
     # Entries of a layout row are ascending, so "how many are < limit" is the length of the
-    # prefix that satisfies it: one vector load + reduction instead of a scalar loop.
-    offs = tl.arange(0, MAXN)
-    idx = tl.load(idx_row + offs, mask=offs < n, other=2147483647)
-    return tl.sum((idx < limit).to(tl.int32), axis=0)
+    # prefix that satisfies it. Counted CHUNK entries at a time up to the row's run-time length:
+    # one vector load per chunk (rows of up to CHUNK blocks take one), and no constant that
+    # depends on the pattern.
+    n_full = 0
+    n_end = 0
+    for start in range(0, n, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        idx = tl.load(idx_row + offs, mask=offs < n, other=2147483647)
+        n_full += tl.sum((idx < full_limit).to(tl.int32), axis=0)
+        n_end += tl.sum((idx < end_limit).to(tl.int32), axis=0)
+    return n_full, n_end
+
+
+@triton.jit
+def _lse2(LSE_row, offs_m, m_ok):
+    # Saved natural-log lse -> log2 units; rows past Lq and rows that saw no key (-inf) become
+    # +inf, which makes P = exp2(s - lse2) exactly 0 there without a score mask.
+    lse = tl.load(LSE_row + offs_m, mask=m_ok, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,37 +141,47 @@ def _count_below(idx_row, n, limit, MAXN: tl.constexpr):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, n_vis,
-    q, K_head, V_head, KPM_row, idx_row,
+    q, kT_ptrs, v_ptrs, KPM_row, idx_row,
     seed, rng_base, dropout_p, qk_scale,
     lo, hi, Lk,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d,
+    stride_kn, stride_vn,
+    offs_m, offs_j, d_ok,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, COMPAT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COMPAT: tl.constexpr, EVEN_D: tl.constexpr,
+    PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Pattern blocks may be larger than the kv tile: iterate a flat (list position, sub-tile)
-    # index so the loop body stays a single pipelinable block.
+    # index so the loop body stays a single pipelinable block. kT_ptrs/v_ptrs point at kv row 0;
+    # a tile is one scalar offset away, so the loop does no per-element address arithmetic.
+    # Unmasked calls (MASKED=False) only see tiles fully inside Lk and left of the causal
+    # diagonal: their loads and scores need no mask at all.
     SUB: tl.constexpr = PATTERN_BLOCK // BLOCK_N
-    d_ok = offs_d < HEAD_DIM
     for it in range(lo * SUB, hi * SUB):
         kb = tl.load(idx_row + it // SUB)
         start_n = kb * PATTERN_BLOCK + (it % SUB) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kT = tl.load(
-            K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
-        )
+        offs_n = start_n + offs_j
+        if MASKED:
+            n_ok = offs_n < Lk
+            kT = tl.load(kT_ptrs + start_n * stride_kn, mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + start_n * stride_kn)
+        else:
+            kT = tl.load(kT_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
         qk = _mm(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
         qk = qk * qk_scale
         if MASKED or HAS_KPM:
-            visible = n_ok[None, :] & (offs_m[:, None] >= 0)
-            if MASKED and IS_CAUSAL:
-                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+            visible = offs_m[:, None] >= 0
+            if MASKED:
+                visible = visible & n_ok[None, :]
+                if IS_CAUSAL:
+                    visible = visible & (offs_m[:, None] >= offs_n[None, :])
             if HAS_KPM:
-                real = tl.load(KPM_row + offs_n, mask=n_ok, other=0) != 0
+                if MASKED:
+                    real = tl.load(KPM_row + offs_n, mask=n_ok, other=0) != 0
+                else:
+                    real = tl.load(KPM_row + offs_n) != 0
                 visible = visible & real[None, :]
             qk = tl.where(visible, qk, float("-inf"))
             if COMPAT:
@@ -141,10 +202,13 @@ def _fwd_inner(
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None]
-        v = tl.load(
-            V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        if MASKED:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
         acc = _mm(p.to(v.dtype), v, acc, UPCAST, PRECISION)
         m_i = m_ij
     return acc, l_i, m_i, n_vis
@@ -162,11 +226,11 @@ def _fwd_kernel(
     stride_numh, stride_numm, stride_idxh, stride_idxm,
     stride_kpmb,
     H, H_KV, Lq, Lk,
-    qk_scale, dropout_p,
+    qk_scale, dropout_p, seed_lo, seed_hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
-    MAXK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    COMPAT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, COMPAT: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -174,9 +238,11 @@ def _fwd_kernel(
     off_b = tl.program_id(2)
     off_hkv = off_h // (H // H_KV)
     start_m = pid_m * BLOCK_M
+    # BLOCK_M may be smaller than the pattern block: several programs then share one layout row.
     qb = start_m // PATTERN_BLOCK
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
     d_ok = offs_d < HEAD_DIM
@@ -186,25 +252,26 @@ def _fwd_kernel(
     K_head = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
     V_head = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
     KPM_row = KPM + b64 * stride_kpmb
+    kT_ptrs = K_head + offs_j[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V_head + offs_j[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     # Layout row of this query tile; head stride 0 when the pattern is shared by all heads.
     n_blocks = tl.load(KV_NUM + off_h * stride_numh + qb * stride_numm)
     idx_row = KV_IDX + off_h * stride_idxh + qb * stride_idxm
-    n_kv_pattern = tl.cdiv(Lk, PATTERN_BLOCK)
     # Blocks strictly left of the diagonal block and fully inside Lk need no score mask; with
     # ascending indices they are a prefix [0, n_full) of the row, the straddling ones follow.
-    full_limit = Lk // PATTERN_BLOCK
-    end_limit = n_kv_pattern
-    if IS_CAUSAL:
-        full_limit = tl.minimum(full_limit, qb)
-        end_limit = tl.minimum(end_limit, qb + 1)
-    n_full = _count_below(idx_row, n_blocks, full_limit, MAXK)
-    n_end = _count_below(idx_row, n_blocks, end_limit, MAXK)
+    if IS_CAUSAL or not EVEN_K:
+        full_limit = Lk // PATTERN_BLOCK
+        end_limit = tl.cdiv(Lk, PATTERN_BLOCK)
+        if IS_CAUSAL:
+            full_limit = tl.minimum(full_limit, qb)
+            end_limit = tl.minimum(end_limit, qb + 1)
+        n_full, n_end = _row_counts(idx_row, n_blocks, full_limit, end_limit, ROW_CHUNK)
+    else:  # non-causal and Lk a multiple of the block: every listed block is full
+        n_full = n_blocks
+        n_end = n_blocks
 
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    else:
-        seed = 0
+    seed = _seed(SEED, seed_lo, seed_hi, HAS_DROPOUT, SEED_IN_MEMORY)
     rng_base = ((b64 * H + off_h) * Lq) * Lk
 
     q = tl.load(
@@ -217,18 +284,18 @@ def _fwd_kernel(
     n_vis = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     acc, l_i, m_i, n_vis = _fwd_inner(
-        acc, l_i, m_i, n_vis, q, K_head, V_head, KPM_row, idx_row,
+        acc, l_i, m_i, n_vis, q, kT_ptrs, v_ptrs, KPM_row, idx_row,
         seed, rng_base, dropout_p, qk_scale, 0, n_full, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-        False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, COMPAT,
-        HEAD_DIM, PATTERN_BLOCK, BLOCK_N, UPCAST, PRECISION,
+        stride_kn, stride_vn, offs_m, offs_j, d_ok,
+        False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, COMPAT, HEAD_DIM == BLOCK_D,
+        PATTERN_BLOCK, BLOCK_N, UPCAST, PRECISION,
     )
     acc, l_i, m_i, n_vis = _fwd_inner(
-        acc, l_i, m_i, n_vis, q, K_head, V_head, KPM_row, idx_row,
+        acc, l_i, m_i, n_vis, q, kT_ptrs, v_ptrs, KPM_row, idx_row,
         seed, rng_base, dropout_p, qk_scale, n_full, n_end, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-        True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, COMPAT,
-        HEAD_DIM, PATTERN_BLOCK, BLOCK_N, UPCAST, PRECISION,
+        stride_kn, stride_vn, offs_m, offs_j, d_ok,
+        True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, COMPAT, HEAD_DIM == BLOCK_D,
+        PATTERN_BLOCK, BLOCK_N, UPCAST, PRECISION,
     )
 
     if COMPAT:
@@ -266,64 +333,39 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(
-    Out, DO, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Lq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (also with dropout, since O is the dropped
-    # output): the per-row term of the softmax Jacobian, computed once instead of per kv tile.
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh
-                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + (off_b * H + off_h) * Lq + offs_m, delta, mask=offs_m < Lq)
-
-
-@triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v,
-    Q_head, DO_head, LSE_row, DELTA_row, idx_row,
+    qT_ptrs, do_ptrs, LSE_row, DELTA_row, idx_row,
     seed, rng_base, dropout_p, qk_scale,
     lo, hi, Lq, Lk,
-    stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n, offs_d,
-    MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_qm, stride_dom,
+    offs_n, offs_i, d_ok,
+    MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_D: tl.constexpr,
+    PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (kv rows x q columns) so dK and dV accumulate with plain dots.
+    # qT_ptrs/do_ptrs point at query row 0; a tile is one scalar offset away. With EVEN_Q (Lq a
+    # multiple of the pattern block) no listed q tile crosses Lq and the loads need no row mask.
     SUB: tl.constexpr = PATTERN_BLOCK // BLOCK_M
-    d_ok = offs_d < HEAD_DIM
     for it in range(lo * SUB, hi * SUB):
         qb = tl.load(idx_row + it // SUB)
         start_m = qb * PATTERN_BLOCK + (it % SUB) * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = start_m + offs_i
         m_ok = offs_m < Lq
-        qT = tl.load(
-            Q_head + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-            mask=m_ok[None, :] & d_ok[:, None], other=0.0,
-        )
-        # Rows past Lq and rows that saw no key carry lse = +inf, which makes their P exactly 0:
-        # no score mask is needed for the Lq edge.
-        lse2 = tl.load(LSE_row + offs_m, mask=m_ok, other=float("inf"))
+        if EVEN_Q and EVEN_D:
+            qT = tl.load(qT_ptrs + start_m * stride_qm)
+            do = tl.load(do_ptrs + start_m * stride_dom)
+        else:
+            qT = tl.load(qT_ptrs + start_m * stride_qm, mask=m_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=m_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+        lse2 = _lse2(LSE_row, offs_m, m_ok)
         qkT = _mm(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), UPCAST, PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-        do = tl.load(
-            DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-            mask=m_ok[:, None] & d_ok[None, :], other=0.0,
-        )
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
             scale_keep = 1.0 / (1.0 - dropout_p)
@@ -343,7 +385,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE2, Delta,
+    Q, K, V, DO, DK, DV, LSE, Delta,
     Q_NUM, Q_IDX, KPM, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -354,10 +396,10 @@ def _bwd_dkdv_kernel(
     stride_numh, stride_numn, stride_idxh, stride_idxn,
     stride_kpmb,
     H, H_KV, Lq, Lk,
-    sm_scale, qk_scale, dropout_p,
+    sm_scale, qk_scale, dropout_p, seed_lo, seed_hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
-    MAXQ: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, EVEN_Q: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -369,6 +411,7 @@ def _bwd_dkdv_kernel(
     kb = start_n // PATTERN_BLOCK
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Lk
     d_ok = offs_d < HEAD_DIM
@@ -382,10 +425,7 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    else:
-        seed = 0
+    seed = _seed(SEED, seed_lo, seed_hi, HAS_DROPOUT, SEED_IN_MEMORY)
 
     # GQA: this kv head's gradient is the sum over its query heads, accumulated in registers in a
     # fixed order -- deterministic, and K/V are loaded once for the whole group.
@@ -397,26 +437,29 @@ def _bwd_dkdv_kernel(
         if IS_CAUSAL:
             # q blocks above the diagonal see nothing of this kv block (skip), the diagonal block
             # needs the causal mask, blocks below it none.
-            lo = _count_below(idx_row, n_blocks, kb, MAXQ)
-            mid = _count_below(idx_row, n_blocks, kb + 1, MAXQ)
+            lo, mid = _row_counts(idx_row, n_blocks, kb, kb + 1, ROW_CHUNK)
         else:
             lo = 0
             mid = 0
-        Q_head = Q + b64 * stride_qb + h64 * stride_qh
-        DO_head = DO + b64 * stride_dob + h64 * stride_doh
+        qT_ptrs = (Q + b64 * stride_qb + h64 * stride_qh
+                   + offs_i[None, :] * stride_qm + offs_d[:, None] * stride_qd)
+        do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh
+                   + offs_i[:, None] * stride_dom + offs_d[None, :] * stride_dod)
         row_off = (b64 * H + off_h) * Lq
         rng_base = row_off * Lk
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q_head, DO_head, LSE2 + row_off, Delta + row_off, idx_row,
+            dk, dv, k, v, qT_ptrs, do_ptrs, LSE + row_off, Delta + row_off, idx_row,
             seed, rng_base, dropout_p, qk_scale, lo, mid, Lq, Lk,
-            stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-            True, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_M, UPCAST, PRECISION,
+            stride_qm, stride_dom, offs_n, offs_i, d_ok,
+            True, HAS_DROPOUT, EVEN_Q, HEAD_DIM == BLOCK_D, PATTERN_BLOCK, BLOCK_M,
+            UPCAST, PRECISION,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q_head, DO_head, LSE2 + row_off, Delta + row_off, idx_row,
+            dk, dv, k, v, qT_ptrs, do_ptrs, LSE + row_off, Delta + row_off, idx_row,
             seed, rng_base, dropout_p, qk_scale, mid, n_blocks, Lq, Lk,
-            stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-            False, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_M, UPCAST, PRECISION,
+            stride_qm, stride_dom, offs_n, offs_i, d_ok,
+            False, HAS_DROPOUT, EVEN_Q, HEAD_DIM == BLOCK_D, PATTERN_BLOCK, BLOCK_M,
+            UPCAST, PRECISION,
         )
 
     dk = dk * sm_scale
@@ -437,39 +480,48 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse2, delta,
-    K_head, V_head, KPM_row, idx_row,
+    kT_ptrs, vT_ptrs, KPM_row, idx_row,
     seed, rng_base, dropout_p, qk_scale,
     lo, hi, Lk,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d,
+    stride_kn, stride_vn,
+    offs_m, offs_j, d_ok,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+    PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # Same walk as the forward (_fwd_inner): unmasked calls see only tiles inside Lk and left of
+    # the causal diagonal.
     SUB: tl.constexpr = PATTERN_BLOCK // BLOCK_N
-    d_ok = offs_d < HEAD_DIM
     for it in range(lo * SUB, hi * SUB):
         kb = tl.load(idx_row + it // SUB)
         start_n = kb * PATTERN_BLOCK + (it % SUB) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kT = tl.load(
-            K_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
-        )
-        vT = tl.load(
-            V_head + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
-        )
+        offs_n = start_n + offs_j
+        if MASKED:
+            n_ok = offs_n < Lk
+            kT = tl.load(kT_ptrs + start_n * stride_kn, mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            vT = tl.load(vT_ptrs + start_n * stride_vn, mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + start_n * stride_kn)
+            vT = tl.load(vT_ptrs + start_n * stride_vn)
+        else:
+            kT = tl.load(kT_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs + start_n * stride_vn, mask=d_ok[:, None], other=0.0)
         qk = _mm(q, kT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED or HAS_KPM:
-            visible = n_ok[None, :] & (offs_m[:, None] >= 0)
-            if MASKED and IS_CAUSAL:
-                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+            visible = offs_m[:, None] >= 0
+            if MASKED:
+                visible = visible & n_ok[None, :]
+                if IS_CAUSAL:
+                    visible = visible & (offs_m[:, None] >= offs_n[None, :])
             if HAS_KPM:
-                real = tl.load(KPM_row + offs_n, mask=n_ok, other=0) != 0
+                if MASKED:
+                    real = tl.load(KPM_row + offs_n, mask=n_ok, other=0) != 0
+                else:
+                    real = tl.load(KPM_row + offs_n) != 0
                 visible = visible & real[None, :]
             p = tl.where(visible, p, 0.0)
         dp = _mm(do, vT, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST, PRECISION)
@@ -483,23 +535,28 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE2, Delta,
+    Q, K, V, Out, DO, DQ, LSE, Delta,
     KV_NUM, KV_IDX, KPM, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_numh, stride_numm, stride_idxh, stride_idxm,
     stride_kpmb,
     H, H_KV, Lq, Lk,
-    sm_scale, qk_scale, dropout_p,
+    sm_scale, qk_scale, dropout_p, seed_lo, seed_hi,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
-    MAXK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Launched before the dK/dV kernel: besides dQ it writes delta_i = rowsum(dO * O) for its
+    # own rows (= sum_j P_ij dP_ij, also with dropout since O is the dropped output), which it
+    # needs itself and the dK/dV kernel reads afterwards -- one launch fewer than a separate
+    # preprocessing kernel, and every delta still has exactly one writer.
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -508,30 +565,34 @@ def _bwd_dq_kernel(
     qb = start_m // PATTERN_BLOCK
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
-    mask_md = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    d_ok = offs_d < HEAD_DIM
+    mask_md = m_ok[:, None] & d_ok[None, :]
 
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
     K_head = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
     V_head = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
     KPM_row = KPM + b64 * stride_kpmb
+    kT_ptrs = K_head + offs_j[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    vT_ptrs = V_head + offs_j[None, :] * stride_vn + offs_d[:, None] * stride_vd
 
     n_blocks = tl.load(KV_NUM + off_h * stride_numh + qb * stride_numm)
     idx_row = KV_IDX + off_h * stride_idxh + qb * stride_idxm
-    full_limit = Lk // PATTERN_BLOCK
-    end_limit = tl.cdiv(Lk, PATTERN_BLOCK)
-    if IS_CAUSAL:
-        full_limit = tl.minimum(full_limit, qb)
-        end_limit = tl.minimum(end_limit, qb + 1)
-    n_full = _count_below(idx_row, n_blocks, full_limit, MAXK)
-    n_end = _count_below(idx_row, n_blocks, end_limit, MAXK)
-
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    if IS_CAUSAL or not EVEN_K:
+        full_limit = Lk // PATTERN_BLOCK
+        end_limit = tl.cdiv(Lk, PATTERN_BLOCK)
+        if IS_CAUSAL:
+            full_limit = tl.minimum(full_limit, qb)
+            end_limit = tl.minimum(end_limit, qb + 1)
+        n_full, n_end = _row_counts(idx_row, n_blocks, full_limit, end_limit, ROW_CHUNK)
     else:
-        seed = 0
+        n_full = n_blocks
+        n_end = n_blocks
+
+    seed = _seed(SEED, seed_lo, seed_hi, HAS_DROPOUT, SEED_IN_MEMORY)
     row_off = (b64 * H + off_h) * Lq
     rng_base = row_off * Lk
 
@@ -540,22 +601,25 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh
                  + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=mask_md, other=0.0)
-    lse2 = tl.load(LSE2 + row_off + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(Delta + row_off + offs_m, mask=m_ok, other=0.0)
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh
+                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + row_off + offs_m, delta, mask=m_ok)
+    lse2 = _lse2(LSE + row_off, offs_m, m_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, K_head, V_head, KPM_row, idx_row,
+        dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, KPM_row, idx_row,
         seed, rng_base, dropout_p, qk_scale, 0, n_full, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-        False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_N,
+        stride_kn, stride_vn, offs_m, offs_j, d_ok,
+        False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM == BLOCK_D, PATTERN_BLOCK, BLOCK_N,
         UPCAST, PRECISION,
     )
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, K_head, V_head, KPM_row, idx_row,
+        dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, KPM_row, idx_row,
         seed, rng_base, dropout_p, qk_scale, n_full, n_end, Lk,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-        True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, PATTERN_BLOCK, BLOCK_N,
+        stride_kn, stride_vn, offs_m, offs_j, d_ok,
+        True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM == BLOCK_D, PATTERN_BLOCK, BLOCK_N,
         UPCAST, PRECISION,
     )
     dq = dq * sm_scale
@@ -583,8 +647,131 @@ def _dropout_mask_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Autotuning (GPU only)
+# Tile configuration: a fixed table (GPU), a small fixed tile (interpreter)
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles and launch parameters of one kernel.
+
+    ``block_m`` is the query tile, ``block_n`` the kv tile, in every kernel (the dK/dV kernel
+    keeps a ``block_n`` kv tile resident and streams ``block_m`` query tiles).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, head-dim bucket, 16-bit dtype?) -> tiles for a 128 pattern block; smaller pattern
+# blocks clamp the tiles to the block (a tile never spans two blocks). 16-bit entries follow
+# PyTorch's FlexAttention defaults for sm90 (torch/_inductor/template_heuristics/triton.py),
+# the kernel we are compared with, so both sides get tiles sized for Hopper's wgmma: forward
+# 128x128 / 4 warps at D=64 and 128x64 / 8 warps at D=128; backward 64-query x 128-kv tiles for
+# dK/dV and 128-query x 64-kv for dQ (the Triton tutorial's split). fp32 (TF32) and D=256 keep
+# smaller tiles: their operands are twice as large and 128-wide fp32 accumulators spill.
+_TILE_TABLE: dict[tuple[str, int, bool], TileConfig] = {
+    ("fwd", 64, True): TileConfig(128, 128, 4, 3),
+    ("fwd", 128, True): TileConfig(128, 64, 8, 3),
+    ("fwd", 256, True): TileConfig(64, 32, 4, 3),
+    ("fwd", 64, False): TileConfig(128, 32, 4, 3),
+    ("fwd", 128, False): TileConfig(64, 32, 4, 3),
+    ("fwd", 256, False): TileConfig(32, 32, 4, 3),
+    ("dkdv", 64, True): TileConfig(64, 128, 8, 3),
+    ("dkdv", 128, True): TileConfig(64, 128, 8, 3),
+    ("dkdv", 256, True): TileConfig(32, 64, 4, 2),
+    ("dkdv", 64, False): TileConfig(32, 64, 4, 3),
+    ("dkdv", 128, False): TileConfig(32, 64, 4, 2),
+    ("dkdv", 256, False): TileConfig(16, 32, 4, 2),
+    ("dq", 64, True): TileConfig(128, 64, 8, 3),
+    ("dq", 128, True): TileConfig(128, 64, 8, 3),
+    ("dq", 256, True): TileConfig(64, 32, 4, 2),
+    ("dq", 64, False): TileConfig(64, 32, 4, 3),
+    ("dq", 128, False): TileConfig(64, 32, 4, 2),
+    ("dq", 256, False): TileConfig(32, 16, 4, 2),
+}
+
+# A grid with fewer programs than this many per SM leaves SMs idle or runs one wave with a long
+# tail; the tile along the split dimension then halves (down to SMALL_GRID_TILE) to double the
+# programs. At B=1, H=16, L=2048, block 128 the forward has 256 programs for 132 SMs (H100/H200).
+PROGRAMS_PER_SM = 2
+SMALL_GRID_TILE = 64
+
+# Fixed tile under the interpreter: it runs every program in numpy, so big tiles only cost time.
+# 16 is the smallest tile tl.dot accepts and divides every supported pattern block.
+_INTERPRET_TILES = TileConfig(16, 16, 4, 1)
+_forced_tiles: dict[str, TileConfig] = {}
+
+
+def _dim_bucket(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
+def tile_config(
+    kernel: str, head_dim: int, dtype: torch.dtype, pattern_block: int, programs: int,
+    sm_count: int,
+) -> TileConfig:
+    """Tiles for ``kernel`` in {"fwd", "dq", "dkdv"}.
+
+    programs: the grid size at the table's tiles divided by the split dimension's tile in
+    units of 128 rows -- i.e. batch x heads x cdiv(L, 128) (kv heads and Lk for "dkdv").
+    Pure function of its arguments (tests call it without a GPU).
+    """
+    if kernel not in ("fwd", "dq", "dkdv"):
+        raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
+    if kernel in _forced_tiles:
+        return _forced_tiles[kernel]
+    if INTERPRET:
+        return _INTERPRET_TILES
+    cfg = _TILE_TABLE[(kernel, _dim_bucket(head_dim), dtype != torch.float32)]
+    bm, bn = min(cfg.block_m, pattern_block), min(cfg.block_n, pattern_block)
+    warps = cfg.num_warps
+    # The split dimension: query tiles for fwd/dq, kv tiles for dK/dV.
+    split = bn if kernel == "dkdv" else bm
+    if split > SMALL_GRID_TILE and programs * (128 // split) < PROGRAMS_PER_SM * sm_count:
+        split = SMALL_GRID_TILE
+        warps = 4  # one warpgroup per 64-row tile
+        if kernel == "dkdv":
+            bn = split
+        else:
+            bm = split
+    return TileConfig(bm, bn, warps, cfg.num_stages)
+
+
+@contextlib.contextmanager
+def forced_tiles(**tiles: TileConfig) -> Iterator[None]:
+    """Use these tiles for the named kernels ("fwd", "dq", "dkdv") inside the block.
+
+    For tests and tuning experiments: lets the interpreter run query tiles smaller than the
+    pattern block, or kv tiles larger than the query tile, which its fixed 16x16 never does.
+    """
+    unknown = set(tiles) - {"fwd", "dq", "dkdv"}
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; use fwd, dq, dkdv")
+    saved = dict(_forced_tiles)
+    _forced_tiles.update(tiles)
+    try:
+        yield
+    finally:
+        _forced_tiles.clear()
+        _forced_tiles.update(saved)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+# ---- optional autotuning (SPION_TRITON_AUTOTUNE=1): an offline tool for revising the table ----
 
 
 def _prune_tiles(configs, named_args, **kwargs):
@@ -596,7 +783,6 @@ def _prune_tiles(configs, named_args, **kwargs):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if pattern % bm or pattern % bn:
             continue
-        # 128x128 fp32 accumulators plus D=256 operands spill; keep big tiles for D <= 128.
         if head_dim > 128 and bm * bn > 64 * 64:
             continue
         kept.append(cfg)
@@ -605,49 +791,47 @@ def _prune_tiles(configs, named_args, **kwargs):
     return kept
 
 
-def _configs(specs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in specs
-    ]
+def _autotuned(kernel_fn, specs: list[tuple[int, int, int, int]]):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in specs]
+    # The sequence lengths are in the key: tiles that suit L=2048 need not suit L=16384.
+    key = ["HEAD_DIM", "PATTERN_BLOCK", "IS_CAUSAL", "HAS_KPM", "HAS_DROPOUT", "H_KV", "Lq", "Lk"]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune_tiles})(
+        kernel_fn
+    )
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward: big query tiles amortise the Q load; the kv
-# tile trades register pressure (D=128) for fewer loop trips. Backward dK/dV keeps the kv tile
-# resident and streams small q tiles, dQ the reverse -- the split of the Triton tutorial
-# (BLOCK_M1=32/BLOCK_N1=128, BLOCK_M2=128/BLOCK_N2=32). Kept short: each config is compiled and
-# timed once per tuning key.
-_FWD_CONFIGS = _configs([
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2),
-])
-_DKDV_CONFIGS = _configs([
-    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2),
-    (32, 64, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2),
-])
-_DQ_CONFIGS = _configs([
-    (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2),
-    (64, 64, 4, 3), (64, 32, 4, 3), (32, 16, 4, 2),
-])
-_TUNE_KEY = ["HEAD_DIM", "PATTERN_BLOCK", "IS_CAUSAL", "HAS_KPM", "HAS_DROPOUT", "H_KV"]
-
-if INTERPRET:
+if AUTOTUNE:  # pragma: no cover - needs a GPU
+    _fwd_launch = _autotuned(_fwd_kernel, [
+        (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
+    ])
+    _dkdv_launch = _autotuned(_bwd_dkdv_kernel, [
+        (64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+        (16, 32, 4, 2),
+    ])
+    _dq_launch = _autotuned(_bwd_dq_kernel, [
+        (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+        (32, 16, 4, 2),
+    ])
+else:
     _fwd_launch = _fwd_kernel
     _dkdv_launch = _bwd_dkdv_kernel
     _dq_launch = _bwd_dq_kernel
-else:  # pragma: no cover - needs a GPU
-    _prune = {"early_config_prune": _prune_tiles}
-    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune)(_fwd_kernel)
-    _dkdv_launch = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune)(
-        _bwd_dkdv_kernel
+
+
+def _launch(kernel, kind: str, grid_rows: int, others: tuple[int, int], tiles: TileConfig,
+            args: tuple, constexprs: dict) -> None:
+    """Launch with the table's tiles, or let the autotuner pick (grid from its choice)."""
+    if AUTOTUNE:  # pragma: no cover - needs a GPU
+        split = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+        kernel[lambda meta: (triton.cdiv(grid_rows, meta[split]), *others)](*args, **constexprs)
+        return
+    split = tiles.block_n if kind == "dkdv" else tiles.block_m
+    kernel[(triton.cdiv(grid_rows, split), *others)](
+        *args, **constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    _dq_launch = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune)(_bwd_dq_kernel)
-
-
-def _tile_kwargs(pattern_block: int) -> dict:
-    if INTERPRET:
-        return {"BLOCK_M": _INTERPRET_TILE, "BLOCK_N": _INTERPRET_TILE, "num_warps": 4}
-    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,7 +901,9 @@ def _layout_strides(num: torch.Tensor, idx: torch.Tensor) -> tuple[int, int, int
 
 
 def _prepare_layout(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = t.to(device=device)
+    # A no-op for layouts already on the device with unit inner stride (what sites hold).
+    if t.device != device:
+        t = t.to(device=device)
     # Kernels step along the last index dim with stride 1.
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -725,17 +911,28 @@ def _prepare_layout(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _kpm_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
     if key_padding_mask is None:
         return q, 0  # never read (HAS_KPM is False); any valid pointer will do
-    kpm = key_padding_mask.to(q.device)
+    kpm = key_padding_mask if key_padding_mask.device == q.device else key_padding_mask.to(q.device)
     if kpm.stride(-1) != 1:
         kpm = kpm.contiguous()
     # bool and uint8 share a layout; the kernel compares the byte to 0.
     return kpm.view(torch.uint8), kpm.stride(0)
 
 
-def _seed_arg(seed: torch.Tensor, dropout_p: float, q: torch.Tensor) -> torch.Tensor:
+def _seed_args(seed: torch.Tensor, dropout_p: float, q: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """(SEED pointer, seed_lo, seed_hi, SEED_IN_MEMORY).
+
+    A seed on the CPU (what block_sparse_attention draws) is read on the host -- no device
+    involved -- and passed by value; copying it to the GPU instead would be a synchronous
+    host-to-device copy on every call. A seed already on the device stays there and is loaded
+    by the kernel, so reading it never synchronises either.
+    """
     if dropout_p == 0.0:
-        return q
-    return seed.reshape(1).to(device=q.device, dtype=torch.int64)
+        return q, 0, 0, False
+    if seed.device.type == "cpu" or q.device.type == "cpu":
+        value = int(seed.reshape(()).item()) & ((1 << 2 * _SEED_BITS) - 1)
+        mask = (1 << _SEED_BITS) - 1
+        return q, value & mask, value >> _SEED_BITS, False
+    return seed.reshape(1).to(torch.int64), 0, 0, True
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -796,23 +993,27 @@ def triton_block_sparse_fwd(
     kv_num = _prepare_layout(kv_num_blocks, q.device)
     kv_idx = _prepare_layout(kv_indices, q.device)
     kpm, stride_kpmb = _kpm_arg(key_padding_mask, q)
-    seed_t = _seed_arg(seed, dropout_p, q)
+    seed_ptr, seed_lo, seed_hi, seed_in_memory = _seed_args(seed, dropout_p, q)
     n_allowed = _n_allowed(key_padding_mask, b, lq, lk, causal, q.device) if compat_spion else lse
-    _fwd_launch[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
-        q, k, v, out, lse, kv_num, kv_idx, kpm, seed_t, n_allowed,
+    tiles = tile_config("fwd", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128),
+                        _device_sms(q.device))
+    args = (
+        q, k, v, out, lse, kv_num, kv_idx, kpm, seed_ptr, n_allowed,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1),
         *_layout_strides(kv_num, kv_idx),
         stride_kpmb,
         h, h_kv, lq, lk,
-        float(scale) * LOG2E, float(dropout_p),
-        HEAD_DIM=d, BLOCK_D=_head_block(d), PATTERN_BLOCK=block_size,
-        MAXK=triton.next_power_of_2(max(kv_idx.shape[-1], 1)),
-        IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-        HAS_DROPOUT=dropout_p > 0.0, COMPAT=bool(compat_spion),
-        UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
-        **_tile_kwargs(block_size),
+        float(scale) * LOG2E, float(dropout_p), seed_lo, seed_hi,
     )
+    constexprs = dict(
+        HEAD_DIM=d, BLOCK_D=_head_block(d), PATTERN_BLOCK=block_size,
+        IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0, SEED_IN_MEMORY=seed_in_memory, COMPAT=bool(compat_spion),
+        EVEN_K=lk % block_size == 0,
+        UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
+    )
+    _launch(_fwd_launch, "fwd", lq, (h, b), tiles, args, constexprs)
     return out, lse
 
 
@@ -859,40 +1060,34 @@ def triton_block_sparse_bwd(
     q_num = _prepare_layout(q_num_blocks, q.device)
     q_idx = _prepare_layout(q_indices, q.device)
     kpm, stride_kpmb = _kpm_arg(key_padding_mask, q)
-    seed_t = _seed_arg(seed, dropout_p, q)
-    block_d = _head_block(d)
-
-    # lse in log2 units, with -inf (row saw no key) turned into +inf so P = exp2(s - lse2) = 0.
-    lse2 = lse.float() * LOG2E
-    lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2).contiguous()
+    seed_ptr, seed_lo, seed_hi, seed_in_memory = _seed_args(seed, dropout_p, q)
+    # The kernels read lse in place (natural log, converted in registers); it must be fp32 with
+    # unit stride along Lq as the forward wrote it.
+    lse = lse if lse.dtype == torch.float32 and lse.is_contiguous() else lse.float().contiguous()
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    pre_m = 16 if INTERPRET else 128
-    _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), h, b)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m,
-    )
-
-    common = dict(
-        HEAD_DIM=d, BLOCK_D=block_d, PATTERN_BLOCK=block_size,
-        IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-        HAS_DROPOUT=dropout_p > 0.0, UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
-        **_tile_kwargs(block_size),
-    )
+    sms = _device_sms(q.device)
     qk_scale = float(scale) * LOG2E
-    _dkdv_launch[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), h_kv, b)](
-        q, k, v, grad_out, dk, dv, lse2, delta, q_num, q_idx, kpm, seed_t,
+    common = dict(
+        HEAD_DIM=d, BLOCK_D=_head_block(d), PATTERN_BLOCK=block_size,
+        IS_CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0, SEED_IN_MEMORY=seed_in_memory,
+        UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
+    )
+    # dQ first: it also writes delta, which the dK/dV kernel reads.
+    dq_tiles = tile_config("dq", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128), sms)
+    _launch(_dq_launch, "dq", lq, (h, b), dq_tiles, (
+        q, k, v, out, grad_out, dq, lse, delta, kv_num, kv_idx, kpm, seed_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+        *_layout_strides(kv_num, kv_idx), stride_kpmb,
+        h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p), seed_lo, seed_hi,
+    ), {**common, "EVEN_K": lk % block_size == 0})
+    dkdv_tiles = tile_config("dkdv", d, q.dtype, block_size, b * h_kv * triton.cdiv(lk, 128), sms)
+    _launch(_dkdv_launch, "dkdv", lk, (h_kv, b), dkdv_tiles, (
+        q, k, v, grad_out, dk, dv, lse, delta, q_num, q_idx, kpm, seed_ptr,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *_layout_strides(q_num, q_idx), stride_kpmb,
-        h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p),
-        MAXQ=triton.next_power_of_2(max(q_idx.shape[-1], 1)), **common,
-    )
-    _dq_launch[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
-        q, k, v, grad_out, dq, lse2, delta, kv_num, kv_idx, kpm, seed_t,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        *_layout_strides(kv_num, kv_idx), stride_kpmb,
-        h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p),
-        MAXK=triton.next_power_of_2(max(kv_idx.shape[-1], 1)), **common,
-    )
+        h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p), seed_lo, seed_hi,
+    ), {**common, "EVEN_Q": lq % block_size == 0})
     return dq, dk, dv
 
 
@@ -908,17 +1103,21 @@ def dropout_keep_mask(
     mask = torch.empty(batch, heads, q_len, kv_len, dtype=torch.int8, device=device)
     if mask.numel() == 0:
         return mask.bool()
-    seed_t = seed.reshape(1).to(device=device, dtype=torch.int64)
+    # The attention kernels use the seed modulo 2^62 (two 31-bit halves); so does the mask.
+    value = seed.reshape(1).to(device=device, dtype=torch.int64) & ((1 << 2 * _SEED_BITS) - 1)
     tile = 16 if INTERPRET else 64
     grid = (triton.cdiv(q_len, tile), triton.cdiv(kv_len, tile), batch * heads)
-    _dropout_mask_kernel[grid](mask, seed_t, q_len, kv_len, float(dropout_p),
+    _dropout_mask_kernel[grid](mask, value, q_len, kv_len, float(dropout_p),
                                BLOCK_M=tile, BLOCK_N=tile)
     return mask.bool()
 
 
 __all__ = [
     "INTERPRET",
+    "TileConfig",
     "dropout_keep_mask",
+    "forced_tiles",
+    "tile_config",
     "triton_block_sparse_bwd",
     "triton_block_sparse_fwd",
 ]
