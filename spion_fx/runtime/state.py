@@ -184,6 +184,8 @@ class SparsityState(nn.Module):
 
     def _plan_step(self) -> None:
         """Set each site's probing flag for the step about to run."""
+        if self.step.is_meta:
+            return  # a meta model's state has no step yet: planned once it is materialized
         att = self.policy.attention
         step = int(self.step)
         probe = att.method == "spion" and self.training and self._is_probe_step(step)
@@ -276,6 +278,18 @@ class SparsityState(nn.Module):
             "event": "switch", "site": site.spec.name, "step": step, "density": density,
             "forced": forced,
         })
+
+    # ---- devices -------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # A state on the meta device (sparsify on a meta model) holds no values. Leaving meta
+        # (`to_empty`, which fills buffers with garbage, or any move) starts it afresh, as a
+        # new state on that device would be; a model's own init never reaches these buffers.
+        was_meta = self.step.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.step.is_meta:
+            self.step.zero_()
+            self._plan_step()
+        return self
 
     # ---- train / eval --------------------------------------------------------------------
     def train(self, mode: bool = True) -> SparsityState:
