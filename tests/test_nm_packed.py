@@ -144,7 +144,7 @@ def test_finalize(method):
         ref = sites["odd"](h, net.odd.weight, net.odd.bias)
     net.spion_state = nn.Module()
     net.spion_state.linear = ctl
-    done = finalize(net)
+    done = finalize(net, mode="memory")
     with torch.no_grad():
         out = net(x)
     if method == "mdgf":  # α = 0 after the schedule: binary mask, same function
@@ -157,3 +157,6 @@ def test_finalize(method):
         assert isinstance(net.fc, PackedNMLinear) and isinstance(net.conv, PackedNMLinear)
         assert done["fc"].startswith("packed 1:8")
         assert isinstance(net.odd, nn.Linear) and "not a multiple" in done["odd"]
+        rows = {r["name"]: r for r in ctl.report()}
+        assert rows["fc"]["kernel"] == "cpu" and rows["fc"]["vs_dense"] > 0
+        assert rows["odd"]["kernel"] is None

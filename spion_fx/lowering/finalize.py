@@ -1,9 +1,14 @@
 """`finalize(model)`: bake trained sparsity masks into the model for inference.
 
 For every linear site of a `LinearSparsityController`:
-- N:M sites (srste / mdgf / sdgf) whose mask is active: W⊙M is packed and the owning ``nn.Linear``
-  or HF ``Conv1D`` is replaced by `PackedNMLinear` (semi-structured 2:4 / Triton on CUDA, tiled
-  unpacking on CPU). MDGF is baked with the binary mask whatever α was (its fine-tune end state).
+- N:M sites (srste / mdgf / sdgf) whose mask is active get the kernel `nm_select` measures fastest
+  on the model's device at ``tokens`` rows per call (``mode="speed"``, the default): dense with
+  W⊙M baked into the owning module's weight in place (exact; the module stays a plain
+  ``nn.Linear`` / ``Conv1D``), or a `PackedNMLinear` (cuSPARSELt / CUTLASS 2:4, Triton, packed
+  CPU) replacing it. So finalize never makes a layer slower than dense. ``mode="memory"`` keeps
+  the packed N/M storage whatever it costs (the fastest packed kernel). The chosen kernel and its
+  measured speed relative to dense go to the site, hence to ``report()``. MDGF is baked with the
+  binary mask whatever α was (its fine-tune end state).
 - MST sites: W⊙M is written into the weight in place; storage stays dense, because unstructured
   sparsity at these densities has no faster kernel here.
 - Sites that never became sparse stay as they are, with the reason.
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from spion_fx.kernels.nm.packed import PackedNMLinear
+from spion_fx.lowering.nm_select import DEFAULT_TOKENS, TimingCache, Timer, choose_kernel
 from spion_fx.runtime.linear_controller import LinearSparsityController
 from spion_fx.runtime.linear_site import NM_METHODS, LinearSparsitySite
 
@@ -50,10 +56,17 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def finalize(
-    model: nn.Module, controller: LinearSparsityController | None = None, backend: str = "auto"
+    model: nn.Module, controller: LinearSparsityController | None = None, backend: str = "auto", *,
+    mode: str = "speed", tokens: int = DEFAULT_TOKENS, timer: Timer | None = None,
+    cache: TimingCache | str | None = None,
 ) -> dict[str, str]:
-    """Bake masks; returns {site name: what was done (or why not)}."""
+    """Bake masks; returns {site name: what was done (or why not)}.
+
+    ``backend="auto"`` measures (see the module docstring); any other value forces that
+    `PackedNMLinear` backend without measuring. ``timer`` / ``cache`` inject timings (tests)."""
     ctl = _controller(model, controller)
+    timings = cache if isinstance(cache, TimingCache) else (
+        TimingCache(cache) if backend == "auto" and timer is None else None)
     done: dict[str, str] = {}
     for site in ctl.sites.values():
         weight = ctl._weights.get(site.name)
@@ -79,10 +92,26 @@ def finalize(
             done[site.name] = f"dense: method {site.method}"
             continue
         n, m = site.nm
-        packed = PackedNMLinear.from_dense(
-            w, getattr(module, "bias", None), n, m, mask=site.mask.to(w.device),
-            weight_transposed=site.weight_transposed, backend=backend,
-        )
-        _replace(model, path, packed)
-        done[site.name] = f"packed {n}:{m} -> PackedNMLinear[{packed.backend}] ({packed.reason})"
+        mask = site.mask.to(w.device)
+        bias = getattr(module, "bias", None)
+        if backend != "auto":
+            packed = PackedNMLinear.from_dense(
+                w, bias, n, m, mask=mask, weight_transposed=site.weight_transposed, backend=backend)
+            _replace(model, path, packed)
+            site.kernel, site.vs_dense = packed.backend, None
+            done[site.name] = f"packed {n}:{m} -> PackedNMLinear[{packed.backend}] ({packed.reason})"
+            continue
+        mask_oi = mask.t() if site.weight_transposed else mask
+        masked = (w.t() if site.weight_transposed else w) * mask_oi
+        choice, layer = choose_kernel(
+            masked.contiguous(), None if bias is None else bias.detach(), n, m, mask_oi,
+            mode=mode, tokens=tokens, timer=timer, cache=timings)
+        site.kernel, site.vs_dense = choice.kernel, choice.vs_dense
+        ratio = "" if choice.vs_dense is None else f"{choice.vs_dense:.2f}x dense speed; "
+        if layer is None:
+            w.mul_(mask)
+            done[site.name] = f"dense {n}:{m}: masked weight baked in place ({ratio}{choice.summary()})"
+        else:
+            _replace(model, path, layer)
+            done[site.name] = f"packed {n}:{m} -> PackedNMLinear[{choice.kernel}] ({ratio}{choice.summary()})"
     return done

@@ -60,6 +60,9 @@ class LinearSparsitySite(nn.Module):
         self.phase = "dense"
         self.nm: tuple[int, int] | None = None
         self.stage: int | None = None
+        # Set by finalize(): the kernel measured fastest for this layer and its speed vs dense.
+        self.kernel: str | None = None
+        self.vs_dense: float | None = None
         self.sync(0)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -161,6 +164,8 @@ class LinearSparsitySite(nn.Module):
             "weight_shape": self.weight_shape,
             "weight_transposed": self.weight_transposed,
             "dense_reason": self.dense_reason,
+            "kernel": self.kernel,
+            "vs_dense": self.vs_dense,
         }
 
     @property

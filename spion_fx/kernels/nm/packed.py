@@ -9,11 +9,15 @@ Bytes: K·(s + b/8) for element size s, i.e. a factor 1 + b/(8s) over the kept v
 2:4 → 1.06 (fp32) / 1.125 (bf16); 1:8, 1:16 → 1.125 (fp32) / 1.25 (bf16). For bf16 with M ≥ 8 no
 index encoding can reach 1.15: log2(M) bits per kept 16-bit value is ≥ 19 % on its own.
 
-Compute paths of `PackedNMLinear`, chosen per layer with the reason recorded:
-- CUDA, 2:4, fp16/bf16, shapes the kernels accept: ``torch.sparse.to_sparse_semi_structured``;
-- CUDA otherwise (M a power of two): the Triton N:M kernel (`triton_nm`);
-- CPU: decompress row tiles of W on the fly and multiply (dense speed at best — CPUs have no
-  N:M units, so the packed form saves memory, not time; see benchmarks/nm_linear.py).
+Compute paths of `PackedNMLinear` (``backend``), with the reason recorded:
+- ``triton``: the Triton N:M kernels (`triton_nm`: a decode GEMV for ≤ 64 tokens, tiles above);
+- ``cusparselt`` / ``cutlass``: 2:4 fp16/bf16 on CUDA sparse tensor cores (`semi_structured`);
+- ``cpu``: decompress row tiles of W on the fly and multiply (dense speed at best — CPUs have no
+  N:M units, so the packed form saves memory, not time; see benchmarks/nm_linear.py);
+- ``dense``: unpack the whole weight per call (a fallback, never fast).
+``auto`` keeps the packed form: Triton on CUDA, ``cpu`` on CPU. Which path is *fastest* for a
+layer is measured, not guessed: ``spion_fx.lowering.nm_select`` (used by ``finalize``) times the
+candidates on the model's device and may also keep the layer dense.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spion_fx.kernels.nm import triton_nm
+from spion_fx.kernels.nm import semi_structured, triton_nm
 
 
 def index_bits(m: int) -> int:
@@ -107,17 +111,7 @@ def packed_linear_cpu(
     return y
 
 
-def _semi_structured_reason(weight: Tensor, n: int, m: int) -> str | None:
-    if not weight.is_cuda:
-        return "not on CUDA"
-    if (n, m) != (2, 4):
-        return f"{n}:{m} is not 2:4"
-    if weight.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {weight.dtype} is not fp16/bf16"
-    out_f, in_f = weight.shape
-    if out_f % 64 or in_f % 128:  # CUTLASS/cuSPARSELt minimum tile multiples for 16-bit types
-        return f"shape {tuple(weight.shape)} below the semi-structured minimums (out%64, in%128)"
-    return None
+BACKENDS = ("auto", "cpu", "triton", "cusparselt", "cutlass", "semi_structured", "dense")
 
 
 class PackedNMLinear(nn.Module):
@@ -134,7 +128,7 @@ class PackedNMLinear(nn.Module):
         self.register_buffer("index_bytes", index_bytes)
         self.register_buffer("bias", bias)
         self.backend, self.reason = backend, reason
-        self._semi = None  # SparseSemiStructuredTensor when backend == "semi_structured"
+        self._semi = None  # the compressed weight when backend is cusparselt or cutlass
 
     @classmethod
     def from_dense(
@@ -158,32 +152,35 @@ class PackedNMLinear(nn.Module):
         return layer
 
     def _choose_backend(self, w: Tensor, backend: str) -> None:
-        if backend not in ("auto", "cpu", "triton", "semi_structured", "dense"):
-            raise ValueError(f"backend={backend!r}: expected auto, cpu, triton, semi_structured or dense")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
         if backend in ("cpu", "dense"):
             self.backend, self.reason = backend, "requested"
             return
-        if not w.is_cuda and backend == "auto":
+        if backend == "auto" and not w.is_cuda:
             self.backend, self.reason = "cpu", "CPU: row tiles decompressed on the fly"
             return
         notes = []
-        semi_why = _semi_structured_reason(w, self.n, self.m)
-        if semi_why is None and backend in ("auto", "semi_structured"):
-            try:
-                from torch.sparse import to_sparse_semi_structured
-
-                self._semi = to_sparse_semi_structured(w.contiguous())
-                self.backend, self.reason = "semi_structured", "CUDA 2:4 semi-structured"
-                return
-            except Exception as exc:  # unsupported GPU/shape: record and fall through
-                notes.append(f"semi-structured failed: {exc}"[:200])
-        elif semi_why is not None:
-            notes.append(f"no semi-structured: {semi_why}")
+        kinds = {"semi_structured": semi_structured.KINDS}.get(backend, (backend,))
+        for kind in kinds if backend != "auto" else ():
+            if kind not in semi_structured.KINDS:
+                continue
+            why = semi_structured.unavailable(kind, w, self.n, self.m)
+            if why is None:
+                try:
+                    self._semi = semi_structured.compress(kind, w)
+                    self.backend, self.reason = kind, f"CUDA 2:4 {kind}"
+                    return
+                except Exception as exc:  # unsupported GPU/shape: record and fall through
+                    why = f"failed: {exc}"[:200]
+            notes.append(f"no {kind}: {why}")
         triton_why = triton_nm.supports(self.n, self.m)
-        if triton_why is None and (w.is_cuda or triton_nm.interpreting()):
-            self.backend, self.reason = "triton", "; ".join(notes + ["Triton N:M kernel"])
+        if triton_why is None and not (w.is_cuda or triton_nm.interpreting()):
+            triton_why = "not on CUDA"
+        if triton_why is None:
+            self.backend, self.reason = "triton", "; ".join(notes + ["Triton N:M kernels"])
             return
-        notes.append(f"no triton: {triton_why or 'not on CUDA'}")
+        notes.append(f"no triton: {triton_why}")
         self.backend, self.reason = "dense", "; ".join(notes + ["dense matmul on the unpacked weight"])
 
     def to_dense(self) -> Tensor:
@@ -196,14 +193,14 @@ class PackedNMLinear(nn.Module):
         return self.out_features * self.in_features * self.values.element_size()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.backend == "semi_structured" and self._semi is not None and x.is_cuda:
-            lead = x.shape[:-1]
-            y = F.linear(x.reshape(-1, self.in_features), self._semi, self.bias)
+        lead = x.shape[:-1]
+        if self.backend in semi_structured.KINDS and self._semi is not None and x.is_cuda:
+            y = semi_structured.linear(self.backend, x.reshape(-1, self.in_features), self._semi,
+                                       self.bias, self.out_features)
             return y.reshape(*lead, self.out_features)
         if self.backend == "triton" and (x.is_cuda or triton_nm.interpreting()):
-            lead = x.shape[:-1]
-            y = triton_nm.nm_matmul(
-                x.reshape(-1, self.in_features).contiguous(), self.values, self.index_bytes,
+            y = triton_nm.nm_linear(
+                x.reshape(-1, self.in_features), self.values, self.index_bytes,
                 self.n, self.m, self.in_features, index_bits(self.m),
             )
             if self.bias is not None:

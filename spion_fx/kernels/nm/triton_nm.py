@@ -1,9 +1,17 @@
 """Triton N:M matmul: y = x·Wᵀ with W given as packed N:M (kept values + bit-packed positions).
 
-Each program decompresses a [BLOCK_O, BLOCK_G·M] tile of W in registers (N loads of values and
-positions per group instead of M dense loads) and feeds ``tl.dot``. The kernel is decorated on
-first use rather than at import, because Triton decides between compiling and interpreting
-(TRITON_INTERPRET=1, how the CPU tests run it) at decoration time.
+Two kernels, chosen by the token count T:
+- T > ``DECODE_MAX_TOKENS`` (compute-bound): each program decompresses a [BLOCK_O, BLOCK_G·M]
+  tile of W in registers (N loads of values and positions per group instead of M dense loads) and
+  feeds ``tl.dot``. Decompressing costs more than the tensor-core work it saves, so at large T this
+  is slower than dense; finalize's measured selection does not choose it there.
+- T ≤ ``DECODE_MAX_TOKENS`` (decoding, memory-bound): a GEMV-style kernel. Each program streams
+  the packed values and positions of a tile of output rows (N/M of the dense bytes, plus the index
+  bits) over a slice of the input dimension and gathers the matching x entries, which are small
+  enough to stay in cache; it never materialises W. Programs are split over output rows and, when
+  there are too few rows to fill the GPU, over K (split-K partial sums meet in an fp32 buffer).
+Kernels are decorated on first use rather than at import, because Triton decides between
+compiling and interpreting (TRITON_INTERPRET=1, how the CPU tests run it) at decoration time.
 """
 
 from __future__ import annotations
@@ -81,11 +89,49 @@ def _nm_matmul_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & o_ok[None, :])
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool):
+def _nm_gemv_kernel(
+    x_ptr, v_ptr, idx_ptr, y_ptr,
+    n_tok, n_out, n_kept, k_per_split,
+    stride_xt, stride_vo, stride_io, stride_yt,
+    N: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    t_ok = offs_t < n_tok
+    o_ok = offs_o < n_out
+    PER_BYTE: tl.constexpr = 8 // BITS
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, n_kept)
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # index into the kept values of a row
+        ok = o_ok[:, None] & (offs_k < k_end)[None, :]
+        v = tl.load(v_ptr + offs_o[:, None] * stride_vo + offs_k[None, :], mask=ok, other=0.0)
+        byte = tl.load(idx_ptr + offs_o[:, None] * stride_io + (offs_k // PER_BYTE)[None, :], mask=ok, other=0)
+        pos = (byte.to(tl.int32) >> ((offs_k % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+        col = ((offs_k // N) * M)[None, :] + pos  # input column of each kept value
+        xg = tl.load(
+            x_ptr + offs_t[:, None, None] * stride_xt + col[None, :, :],
+            mask=t_ok[:, None, None] & ok[None, :, :], other=0.0,
+        )
+        acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
+    y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_o[None, :]
+    y_ok = t_ok[:, None] & o_ok[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:  # y is the fp32 split-K buffer
+        tl.atomic_add(y_ptrs, acc, mask=y_ok)
+
+
+@functools.lru_cache(maxsize=4)
+def _kernel(interpret: bool, name: str = "matmul"):
     del interpret  # part of the cache key only: decoration reads the environment
     _import_triton()
-    return triton.jit(_nm_matmul_kernel)
+    return triton.jit({"matmul": _nm_matmul_kernel, "gemv": _nm_gemv_kernel}[name])
 
 
 def supports(n: int, m: int) -> str | None:
@@ -99,16 +145,83 @@ def supports(n: int, m: int) -> str | None:
     return None
 
 
-def nm_matmul(
+DECODE_MAX_TOKENS = 64
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemv_config(tokens: int, out: int, n_kept: int, n: int, sms: int) -> dict[str, int]:
+    """Tile sizes and split-K of the decode kernel. The [BLOCK_T, BLOCK_O, BLOCK_K] gather lives in
+    registers, so its volume is capped (8192 fp32 over 4 warps); BLOCK_K spans whole groups and
+    at least 64 kept values so a row's loads are ≥ 128-byte bf16 transactions; split-K is added
+    until there are about four programs per SM."""
+    block_t = min(_next_pow2(tokens), 16)
+    block_k = max(64, _next_pow2(n))
+    block_o = max(1, min(64, 8192 // (block_t * block_k)))
+    programs = -(-out // block_o) * -(-tokens // block_t)
+    chunks = -(-n_kept // block_k)
+    split = max(1, min(chunks, -(-4 * sms // programs)))
+    k_per_split = -(-chunks // split) * block_k
+    split = -(-n_kept // k_per_split)
+    return {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_K": block_k, "SPLIT": split,
+            "k_per_split": k_per_split}
+
+
+def nm_gemv(
     x: Tensor, values: Tensor, index_bytes: Tensor, n: int, m: int, in_features: int, bits: int,
-    *, block_t: int | None = None, block_o: int | None = None, block_i: int | None = None,
+    *, config: dict[str, int] | None = None,
 ) -> Tensor:
-    """y [T, out] = x [T, in] · Wᵀ, W packed as ``values`` [out, in·n/m] and ``index_bytes``."""
+    """The decode kernel: y [T, out] = x [T, in] · Wᵀ for small T (see the module docstring)."""
+    _check(x, n, m, in_features)
+    tokens, out = x.shape[0], values.shape[0]
+    n_kept = values.shape[1]
+    if values.stride(1) != 1 or index_bytes.stride(1) != 1:
+        raise ValueError("values and index_bytes must be row-contiguous")
+    x = x.contiguous()
+    sms = _sm_count(x.device.index or 0) if x.is_cuda and not interpreting() else 4
+    cfg = dict(config or gemv_config(tokens, out, n_kept, n, sms))
+    k_per_split = cfg.pop("k_per_split")
+    split = cfg["SPLIT"]
+    y = torch.zeros(tokens, out, device=x.device, dtype=torch.float32) if split > 1 else (
+        torch.empty(tokens, out, device=x.device, dtype=x.dtype))
+    grid = (-(-out // cfg["BLOCK_O"]), split, -(-tokens // cfg["BLOCK_T"]))
+    _kernel(interpreting(), "gemv")[grid](
+        x, values, index_bytes, y,
+        tokens, out, n_kept, k_per_split,
+        x.stride(0), values.stride(0), index_bytes.stride(0), y.stride(0),
+        N=n, M=m, BITS=bits, **cfg,
+    )
+    return y.to(x.dtype) if split > 1 else y
+
+
+def _check(x: Tensor, n: int, m: int, in_features: int) -> None:
     reason = supports(n, m)
     if reason:
         raise RuntimeError(f"triton N:M kernel unavailable: {reason}")
     if x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"x must be [T, {in_features}], got {tuple(x.shape)}")
+
+
+def nm_linear(x: Tensor, values: Tensor, index_bytes: Tensor, n: int, m: int, in_features: int, bits: int) -> Tensor:
+    """y [T, out] = x [T, in] · Wᵀ by the kernel that suits T: decode GEMV for T ≤ 64, else tiles."""
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        return nm_gemv(x, values, index_bytes, n, m, in_features, bits)
+    return nm_matmul(x, values, index_bytes, n, m, in_features, bits)
+
+
+def nm_matmul(
+    x: Tensor, values: Tensor, index_bytes: Tensor, n: int, m: int, in_features: int, bits: int,
+    *, block_t: int | None = None, block_o: int | None = None, block_i: int | None = None,
+) -> Tensor:
+    """y [T, out] = x [T, in] · Wᵀ, W packed as ``values`` [out, in·n/m] and ``index_bytes``."""
+    _check(x, n, m, in_features)
     tokens, out = x.shape[0], values.shape[0]
     small = interpreting() or not x.is_cuda
     block_t = block_t or (16 if small else 128)
