@@ -342,3 +342,144 @@ def test_agrees_with_project_reference(compat):
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), finite)
     torch.testing.assert_close(lse.cpu()[finite], ref_lse[finite], atol=2e-4, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles, run-time row bounds, seeds (the launch rules that keep a pattern switch cheap)
+# ---------------------------------------------------------------------------------------------
+
+from spion_fx.kernels.attention import triton_attention as ta  # noqa: E402
+
+
+@pytest.mark.parametrize("tiles", [
+    # (fwd, dq, dkdv): query tiles smaller than the pattern block, kv tiles as wide as it, and
+    # the reverse -- the interpreter's default 16x16 covers neither.
+    (ta.TileConfig(16, 32, 4, 1), ta.TileConfig(16, 32, 4, 1), ta.TileConfig(16, 32, 4, 1)),
+    (ta.TileConfig(32, 16, 4, 1), ta.TileConfig(32, 16, 4, 1), ta.TileConfig(32, 16, 4, 1)),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiles_other_than_the_pattern_block(tiles, causal):
+    fwd, dq, dkdv = tiles
+    with ta.forced_tiles(fwd=fwd, dq=dq, dkdv=dkdv):
+        run_case(h=2, lq=80, bs=32, d=16, causal=causal, density=0.5)
+
+
+def test_tiles_with_padding_gqa_dropout():
+    with ta.forced_tiles(fwd=ta.TileConfig(16, 32, 4, 1), dkdv=ta.TileConfig(16, 32, 4, 1)):
+        run_case(b=2, h=4, h_kv=2, lq=64, bs=32, d=16, causal=True, kpm=True, dropout_p=0.2,
+                 layout_heads=4, density=0.5)
+
+
+def test_rows_longer_than_one_count_chunk():
+    # Causal rows of up to 36 blocks (> ROW_CHUNK = 32): the diagonal split is counted over two
+    # chunks, and rows of every length from 1 to 36 occur in one launch.
+    n = ta.ROW_CHUNK + 4
+    layout = BlockLayout.from_dense(torch.ones(n, n, dtype=torch.bool).tril(), 16)
+    run_case(h=1, lq=16 * n - 5, bs=16, d=16, causal=True, layout=layout)
+
+
+def test_rows_of_different_lengths_non_causal():
+    grid = torch.zeros(1, 4, 4, dtype=torch.bool)
+    grid[0, 0, :] = True        # 4 blocks
+    grid[0, 1, 2] = True        # 1 block, off the diagonal
+    grid[0, 3, [0, 3]] = True   # 2 blocks; row 2 stays empty
+    run_case(h=2, lq=60, bs=16, d=16, layout=BlockLayout.from_dense(grid, 16), causal=False)
+
+
+def test_a_new_pattern_launches_the_same_specialisation(monkeypatch):
+    # Nothing derived from the pattern (its longest row, its density) may reach the kernels'
+    # compile-time parameters: a switch, or another layer's pattern, must reuse compiled code.
+    launches = []
+
+    def specialisation(kernel, kind, args):
+        # Triton's rule for integer arguments: a variant per value 1 / divisible by 16 / width,
+        # except for the names the kernel opts out of.
+        skip = set(ta.UNSPECIALISED[kind])
+        return tuple((v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
+                     for name, v in zip(kernel.arg_names, args)
+                     if isinstance(v, int) and not isinstance(v, bool) and name not in skip)
+
+    def spy(kernel, kind, rows, others, tiles, args, constexprs):
+        launches.append((kind, rows, others, tiles, specialisation(kernel, kind, args),
+                         tuple(sorted(constexprs.items()))))
+
+    monkeypatch.setattr(ta, "_launch", spy)
+    q = torch.randn(1, 2, 64, 16, device=DEVICE)
+    # Longest rows 1 and 4 blocks (kv_indices widths, hence strides, 1 and 4); seeds whose
+    # halves are 1 and 16.
+    for density, seed in ((0.0, 1), (1.0, 16 + (16 << 31))):
+        lay = make_layout(4, 4, 16, heads=2, seed=seed, dense=density == 1.0,
+                          density=density).to(DEVICE)
+        args = (lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks, lay.q_indices, 16, 0.25,
+                True, None, 0.1, torch.tensor(seed), False)
+        out, lse = triton_block_sparse_fwd(q, q, q, *args)
+        triton_block_sparse_bwd(q, q, q, q, out, lse, *args)
+    assert len(launches) == 6
+    assert launches[:3] == launches[3:]
+
+
+def test_large_seed_matches_keep_mask():
+    # Seeds beyond 32 bits travel as two 31-bit halves; the kernels and dropout_keep_mask must
+    # agree on the value they use.
+    torch.manual_seed(0)
+    b, h, lq, d, bs, p = 1, 1, 32, 16, 16, 0.3
+    q, k, v = (torch.randn(b, h, lq, d, device=DEVICE) for _ in range(3))
+    layout = make_layout(2, 2, bs, dense=True)
+    lay = layout.to(DEVICE)
+    seed = torch.tensor(2**40 + 12345, dtype=torch.int64)
+    out, _ = triton_block_sparse_fwd(q, k, v, lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks,
+                                     lay.q_indices, bs, 0.25, False, None, p, seed, False)
+    keep = dropout_keep_mask(seed, b, h, lq, lq, p, DEVICE)
+    *_, ref, _ = reference(q, k, v, layout, 0.25, False, keep=keep, dropout_p=p)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=2e-4, rtol=2e-4)
+    other, _ = triton_block_sparse_fwd(q, k, v, lay.kv_num_blocks, lay.kv_indices,
+                                       lay.q_num_blocks, lay.q_indices, bs, 0.25, False, None, p,
+                                       seed + 2**31, False)
+    assert not torch.equal(out, other)  # the high half reaches the generator
+
+
+def test_tile_table_rules():
+    bf16 = torch.bfloat16
+    # Enough programs: the table's tiles (FlexAttention's sm90 defaults for 16-bit).
+    big = ta._TILE_TABLE[("fwd", 64, True)]
+    assert ta.tile_config("fwd", 64, bf16, 128, programs=1024, sm_count=132) == big \
+        or ta.INTERPRET
+    if ta.INTERPRET:
+        assert ta.tile_config("fwd", 64, bf16, 128, 1024, 132) == ta._INTERPRET_TILES
+        return
+    # Short sequence: 256 programs < 2 per SM -> 64-row query tiles within the 128 block.
+    small = ta.tile_config("fwd", 64, bf16, 128, programs=256, sm_count=132)
+    assert (small.block_m, small.block_n, small.num_warps) == (64, 128, 4)
+    # dK/dV splits its kv tile instead.
+    dkdv = ta.tile_config("dkdv", 128, bf16, 128, programs=256, sm_count=132)
+    assert dkdv.block_n == 64 and dkdv.block_m == ta._TILE_TABLE[("dkdv", 128, True)].block_m
+    # Pattern block 64 clamps both tiles; D=256 and fp32 use their own entries.
+    clamped = ta.tile_config("fwd", 64, bf16, 64, programs=10**6, sm_count=132)
+    assert clamped.block_m == 64 and clamped.block_n == 64
+    assert ta.tile_config("fwd", 200, bf16, 128, 10**6, 132).block_m == 64
+    assert ta.tile_config("fwd", 64, torch.float32, 16, 10**6, 132).block_n == 16
+
+
+def test_tile_config_rejects_unknown_kernel():
+    with pytest.raises(ValueError, match="kernel"):
+        ta.tile_config("bwd", 64, torch.bfloat16, 128, 1, 1)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        with ta.forced_tiles(bwd=ta.TileConfig(16, 16, 4, 1)):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device-resident seed needs CUDA")
+def test_device_seed_equals_host_seed():  # pragma: no cover - needs a GPU
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 32, device="cuda") for _ in range(3))
+    lay = make_layout(2, 2, 32, dense=True).to("cuda")
+    base = (lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks, lay.q_indices, 32, 0.2, True,
+            None, 0.25)
+    host = torch.tensor(2**33 + 7)
+    a, lse = triton_block_sparse_fwd(q, k, v, *base, host, False)
+    b, _ = triton_block_sparse_fwd(q, k, v, *base, host.cuda(), False)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    g = torch.randn_like(a)
+    for x, y in zip(triton_block_sparse_bwd(g, q, k, v, a, lse, *base, host, False),
+                    triton_block_sparse_bwd(g, q, k, v, a, lse, *base, host.cuda(), False)):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)

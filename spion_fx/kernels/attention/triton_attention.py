@@ -73,6 +73,16 @@ ROW_CHUNK = 32
 # specialisation (Triton types and specialises integer arguments by value).
 _SEED_BITS = 31
 
+# Integer arguments Triton must not specialise on. By default it compiles a variant per integer
+# argument equal to 1 or divisible by 16; the layout strides carry the pattern's longest row
+# (kv_indices is [H', nQB, maxK]) and the seed halves change every step, so either would compile
+# new kernels for a new pattern or a new seed.
+UNSPECIALISED: dict[str, tuple[str, ...]] = {
+    "fwd": ("stride_numh", "stride_numm", "stride_idxh", "stride_idxm", "seed_lo", "seed_hi"),
+    "dq": ("stride_numh", "stride_numm", "stride_idxh", "stride_idxm", "seed_lo", "seed_hi"),
+    "dkdv": ("stride_numh", "stride_numn", "stride_idxh", "stride_idxn", "seed_lo", "seed_hi"),
+}
+
 
 # --------------------------------------------------------------------------------------------
 # Small device helpers
@@ -214,7 +224,7 @@ def _fwd_inner(
     return acc, l_i, m_i, n_vis
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED["fwd"])
 def _fwd_kernel(
     Q, K, V, Out, Lse,
     KV_NUM, KV_IDX, KPM, SEED, N_ALLOWED,
@@ -383,7 +393,7 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED["dkdv"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, Delta,
     Q_NUM, Q_IDX, KPM, SEED,
@@ -533,7 +543,7 @@ def _bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED["dq"])
 def _bwd_dq_kernel(
     Q, K, V, Out, DO, DQ, LSE, Delta,
     KV_NUM, KV_IDX, KPM, SEED,
