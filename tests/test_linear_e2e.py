@@ -58,7 +58,8 @@ def test_presets_train(arch, preset):
     assert rows and all("density" in r for r in rows)
 
 
-def test_finalize_matches_masked_model():
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_finalize_matches_masked_model(mode, tmp_path):
     torch.manual_seed(0)
     model, kwargs = zoo.build("llama", seq_len=16)
     model.train()
@@ -71,11 +72,16 @@ def test_finalize_matches_masked_model():
     model.eval()
     with torch.no_grad():
         masked = model(**kwargs).logits
-    done = spion_fx.finalize(model)
-    assert any("packed" in str(v).lower() for v in done.values()), done
+    done = spion_fx.finalize(model, mode=mode, tokens=32, cache=tmp_path / "kernels.json")
+    if mode == "memory":
+        assert all("PackedNMLinear[cpu]" in v for v in done.values() if "2:4" in v), done
     with torch.no_grad():
         final = model(**kwargs).logits
     torch.testing.assert_close(final, masked, atol=1e-4, rtol=1e-4)
+    rows = [r for r in spion_fx.report(model, print_table=False) if r["kind"] == "linear" and r["kernel"]]
+    assert rows and all(r["kernel"] in ("dense", "cpu") and r["vs_dense"] > 0 for r in rows)
+    if mode == "memory":
+        assert all(r["kernel"] == "cpu" for r in rows)
 
 
 @pytest.mark.parametrize("preset", ["pgf-sdgf-1:4", "mst"])

@@ -54,6 +54,23 @@ def test_srste_gradient():
     torch.testing.assert_close(w.grad, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lam", [2e-4, 0.0, 0.7])
+def test_srste_fused_backward_is_bit_identical_to_the_formula(dtype, lam):
+    # the fused backward (one addcmul) against the unfused expression it replaced
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 96, generator=g).to(dtype).requires_grad_(True)
+    mask = nm_mask(w, 2, 4)
+    upstream = torch.randn(64, 96, generator=g).to(dtype)
+    srste_weight(w, mask, lam).backward(upstream)
+    expected = (upstream + lam * (~mask) * w.detach()).to(dtype)
+    if dtype == torch.float32:
+        assert torch.equal(w.grad, expected)
+    else:  # the old expression went through fp32 (λ·~M is a default-dtype tensor): λ was rounded
+        bf16 = dtype == torch.bfloat16
+        torch.testing.assert_close(w.grad, expected, atol=1e-5 if bf16 else 1e-7, rtol=2**-8 if bf16 else 0)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.37, 0.0])
 def test_mdgf_forward_and_ste_gradient(alpha):
     w = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)

@@ -64,3 +64,65 @@ def test_packed_linear_triton_backend():
 def test_supports():
     assert triton_nm.supports(2, 4) is None
     assert "power of two" in triton_nm.supports(1, 12)
+
+
+def _packed_case(n, m, out_f, in_f, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    mask = nm_mask(w, n, m)
+    wm = (w * mask).to(dtype)
+    values, idx = pack_nm(wm, n, m, mask)
+    return wm, values, idx
+
+
+# decode (GEMV) kernel: tokens 1..16, ragged output rows and group counts, both dtypes
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (1, 16)])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_gemv_matches_dense(n, m, tokens, dtype, tol):
+    out_f, in_f = 37, 11 * m
+    wm, values, idx = _packed_case(n, m, out_f, in_f, dtype, seed=n * 7 + m + tokens)
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    y = triton_nm.nm_gemv(x.to(DEVICE), values.to(DEVICE), idx.to(DEVICE), n, m, in_f, index_bits(m))
+    ref = F.linear(x.double(), wm.double())
+    assert y.dtype == dtype and y.shape == (tokens, out_f)
+    torch.testing.assert_close(y.double().cpu(), ref, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_gemv_split_k(split):
+    # explicit tiles: several k-chunks per split, a ragged last split, several token blocks
+    n, m, tokens, out_f, in_f = 2, 4, 5, 24, 4 * 40
+    wm, values, idx = _packed_case(n, m, out_f, in_f, torch.float32, seed=split)
+    x = torch.randn(tokens, in_f)
+    cfg = {"BLOCK_T": 4, "BLOCK_O": 8, "BLOCK_K": 16, "SPLIT": split, "k_per_split": 32 if split > 1 else 80}
+    y = triton_nm.nm_gemv(x.to(DEVICE), values.to(DEVICE), idx.to(DEVICE), n, m, in_f, 2, config=cfg)
+    torch.testing.assert_close(y.double().cpu(), F.linear(x.double(), wm.double()), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_config_fills_the_gpu_and_bounds_registers():
+    few_rows = triton_nm.gemv_config(tokens=1, out=256, n_kept=2048, n=2, sms=132)
+    assert few_rows["SPLIT"] > 1  # 256 rows alone would leave most SMs idle
+    assert few_rows["k_per_split"] % few_rows["BLOCK_K"] == 0
+    assert few_rows["SPLIT"] * few_rows["k_per_split"] >= 2048
+    for tokens in (1, 4, 16, 64):
+        cfg = triton_nm.gemv_config(tokens=tokens, out=4096, n_kept=2048, n=2, sms=132)
+        assert cfg["BLOCK_T"] * cfg["BLOCK_O"] * cfg["BLOCK_K"] <= 8192 and cfg["BLOCK_T"] <= 16
+
+
+def test_nm_linear_routes_by_token_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_nm, "nm_gemv", lambda *a, **k: calls.append("gemv"))
+    monkeypatch.setattr(triton_nm, "nm_matmul", lambda *a, **k: calls.append("matmul"))
+    for tokens in (1, triton_nm.DECODE_MAX_TOKENS, triton_nm.DECODE_MAX_TOKENS + 1):
+        triton_nm.nm_linear(torch.zeros(tokens, 8), None, None, 2, 4, 8, 2)
+    assert calls == ["gemv", "gemv", "matmul"]
+
+
+def test_packed_linear_triton_decode_path():
+    wm, values, idx = _packed_case(1, 8, 20, 48, torch.float32, seed=3)
+    mask = wm != 0
+    layer = PackedNMLinear.from_dense(wm.to(DEVICE), None, 1, 8, mask=mask.to(DEVICE), backend="triton")
+    x = torch.randn(2, 48)  # 2 tokens: the GEMV kernel
+    torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), F.linear(x.double(), wm.double()),
+                               atol=1e-4, rtol=1e-4)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from spion_fx.kernels.nm.packed import PackedNMLinear
-from spion_fx.lowering.nm_select import DEFAULT_TOKENS, TimingCache, Timer, choose_kernel
+from spion_fx.lowering.nm_select import DEFAULT_TOKENS, Timer, TimingCache, choose_kernel
 from spion_fx.runtime.linear_controller import LinearSparsityController
 from spion_fx.runtime.linear_site import NM_METHODS, LinearSparsitySite
 
