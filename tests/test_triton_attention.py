@@ -371,10 +371,14 @@ def test_tiles_with_padding_gqa_dropout():
 
 
 def test_rows_longer_than_one_count_chunk():
-    # Causal rows of up to 36 blocks (> ROW_CHUNK = 32): the diagonal split is counted over two
-    # chunks, and rows of every length from 1 to 36 occur in one launch.
+    # A causal row and a column of 36 blocks (> ROW_CHUNK = 32): the diagonal split is counted
+    # over two chunks in the forward/dQ (last row) and in dK/dV (first column); the other rows
+    # hold 1 or 2 blocks, so short and long rows share one launch.
     n = ta.ROW_CHUNK + 4
-    layout = BlockLayout.from_dense(torch.ones(n, n, dtype=torch.bool).tril(), 16)
+    grid = torch.eye(n, dtype=torch.bool)
+    grid[-1, :] = True
+    grid[:, 0] = True
+    layout = BlockLayout.from_dense(grid, 16)
     run_case(h=1, lq=16 * n - 5, bs=16, d=16, causal=True, layout=layout)
 
 
