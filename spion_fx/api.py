@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from spion_fx.capture import graph_break_reasons
 from spion_fx.lowering.backend import SpionCompiler
+from spion_fx.passes.expand_mha import mha_fast_paths_off
 from spion_fx.policy import Policy
 from spion_fx.runtime.state import SparsityState
 
@@ -67,7 +69,13 @@ def sparsify(
         if state.count_steps == "forward" and state.training and torch.is_grad_enabled():
             state.on_training_forward()
         try:
-            return compiled_call(*args, **kwargs)
+            with mha_fast_paths_off():  # Dynamo then captures nn.TransformerEncoderLayer's open path
+                if compiler.attention_checked:
+                    return compiled_call(*args, **kwargs)
+                breaks_before = graph_break_reasons()
+                result = compiled_call(*args, **kwargs)
+                compiler.warn_if_no_attention(_new_graph_breaks(breaks_before))
+                return result
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             # our own user-facing errors (bad checkpoint, bad policy) surface as themselves
             inner = getattr(exc, "inner_exception", None)
@@ -79,6 +87,11 @@ def sparsify(
     if optimizer is not None:
         state.attach_optimizer(optimizer)
     return model
+
+
+def _new_graph_breaks(before: dict[str, int]) -> list[str]:
+    after = graph_break_reasons()
+    return [reason for reason, count in after.items() for _ in range(count - before.get(reason, 0))]
 
 
 def _own_code(function: Any, tag: int) -> Any:

@@ -20,6 +20,8 @@ import torch.fx as fx
 from torch import nn
 
 from spion_fx.capture import map_placeholders, tensor_names
+from spion_fx.passes.attention_census import attention_like_ops, opaque_attention_calls
+from spion_fx.passes.expand_mha import expand_multi_head_attention
 from spion_fx.passes.rewrite import Rewritten, constant_value, rewrite_sites
 from spion_fx.passes.sites import AttentionSite, LinearSite
 from spion_fx.policy import Policy
@@ -37,6 +39,8 @@ class GraphRecord:
     rewritten: list[Rewritten]
     decisions: dict[str, str] = field(default_factory=dict)  # site name -> what was done
     graph_module: fx.GraphModule | None = None
+    # attention-like ops that are not sites ("2x F.multi_head_attention_forward", ...)
+    unmatched_attention: list[str] = field(default_factory=list)
 
 
 class SpionCompiler:
@@ -68,16 +72,43 @@ class SpionCompiler:
         if self._model is not None:  # parameters can be replaced (FSDP, to(), load): look again
             self._names_by_id = tensor_names(self._model)
         names = map_placeholders(gm, example_inputs, self._names_by_id)
+        mha = expand_multi_head_attention(gm)
         attention, linear = detect_sites(gm, names)
         _qualify_site_names(attention, linear, len(self.records))
         record = GraphRecord(len(self.records), attention, linear, [])
+        record.decisions.update({e.name or f"<graph {record.index}>": e.dense_reason for e in mha if e.dense_reason})
+        record.unmatched_attention = attention_like_ops(gm, {n for s in attention for n in s.nodes}) + [
+            f"{e.name or 'model'}: {e.dense_reason}" for e in mha if e.dense_reason]
         self._linear_modules = self._linear_modules_for(gm, example_inputs, linear, record)
         rewritten = rewrite_sites(gm, [*attention, *linear], lambda s: self._module_for(s, record))
         record.rewritten = rewritten
         record.graph_module = gm
         self.records.append(record)
         self.state.graph_records = self.records
+        if self._model is None and opaque_attention_calls(gm):
+            # a bare torch.compile(backend="spion") has no end-of-forward hook: warn on evidence
+            self.warn_if_no_attention()
         return VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+
+    attention_checked = False
+
+    def warn_if_no_attention(self, graph_breaks: list[str] = ()) -> None:
+        """Warn (once) when the policy asks for attention sparsity and no graph has a site,
+        naming what was seen instead. `sparsify` calls it after the first forward."""
+        if self.attention_checked:
+            return
+        self.attention_checked = True
+        if not self.state.policy.attention.enabled or any(r.attention_sites for r in self.records):
+            return
+        seen = [line for r in self.records for line in r.unmatched_attention]
+        if graph_breaks:
+            seen.append(f"{len(graph_breaks)} graph break(s): " + "; ".join(sorted(set(graph_breaks)))[:500])
+        warnings.warn(
+            f"spion_fx: the policy asks for attention sparsity but no attention site was found in "
+            f"{len(self.records)} captured graph(s); attention stays dense. Seen instead: "
+            + ("; ".join(seen) if seen else "nothing attention-like (no softmax, SDPA or known attention op)"),
+            stacklevel=3,
+        )
 
     def _unresolved(self, name: str, record: GraphRecord) -> bool:
         """A site whose module path does not exist in the model must not get state: its graph

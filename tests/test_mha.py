@@ -1,0 +1,301 @@
+"""nn.MultiheadAttention (and the Transformer layers / ViT blocks built on it) become SPION sites.
+
+Dynamo keeps F.multi_head_attention_forward as one opaque call; passes/expand_mha.py replaces it
+with the explicit ops. Every form is checked in float64 against the module itself: the expanded
+graph's outputs, the site's own fields (assert_sites_exact), and through `sparsify` with the
+dense policy, forward and gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_detect import assert_sites_exact
+from torch import nn
+
+import spion_fx
+from spion_fx.capture import capture
+from spion_fx.passes.detect import detect_sites
+from spion_fx.passes.expand_mha import expand_multi_head_attention, mha_fast_paths_off
+
+E, HEADS, L, S, B = 16, 4, 8, 6, 2
+
+
+class Attn(nn.Module):
+    """One nn.MultiheadAttention called with `call_kwargs`; returns what the call returns, or
+    only the output when `weights_unused` (Dynamo then drops the weights from the graph)."""
+
+    def __init__(self, weights_unused: bool = False, call_kwargs: dict | None = None, **mha_kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS, **mha_kwargs)
+        self.weights_unused = weights_unused
+        self.call_kwargs = call_kwargs or {}
+
+    def forward(self, q, k, v, *masks):
+        kwargs = dict(self.call_kwargs)
+        for name, mask in zip(("key_padding_mask", "attn_mask"), masks):
+            if mask is not None:
+                kwargs[name] = mask
+        out = self.attn(q, k, v, **kwargs)
+        return out[0] if self.weights_unused else out
+
+
+def _inputs(batch_first=False, kv_len=None, kdim=E, vdim=E, batched=True):
+    """(x, x, x) for self-attention; (x, memory_k, memory_v) when kv_len is given."""
+    g = torch.Generator().manual_seed(0)
+
+    def seq(length, dim):
+        shape = (B, length, dim) if batch_first else (length, B, dim)
+        return torch.randn(shape if batched else (length, dim), generator=g, dtype=torch.float64)
+
+    x = seq(L, E)
+    return (x, x, x) if kv_len is None else (x, seq(kv_len, kdim), seq(kv_len, vdim))
+
+
+def _padding(kv_len=L, dtype=torch.bool, batched=True):
+    pad = torch.zeros(B, kv_len, dtype=torch.bool)
+    pad[1, kv_len - 3:] = True
+    pad = pad if batched else pad[1]
+    return pad if dtype == torch.bool else torch.zeros(pad.shape, dtype=dtype).masked_fill(pad, float("-inf"))
+
+
+CAUSAL = torch.ones(L, L, dtype=torch.bool).triu(1)
+
+
+def expanded(module: nn.Module, *args):
+    """Capture, expand, detect; the graph's outputs must equal the module's (float64)."""
+    module = module.double()
+    with torch.no_grad():
+        want = module(*args)
+    graph = capture(module, args).graphs[0]
+    gm = graph.graph_module
+    expansions = expand_multi_head_attention(gm)
+    assert not any(n.target is F.multi_head_attention_forward for n in gm.graph.nodes)
+    attention, linear = detect_sites(graph)
+    got = gm(*graph.example_inputs)
+    want = [t for t in (want if isinstance(want, tuple) else (want,)) if t is not None]
+    got = [t for t in (got if isinstance(got, (tuple, list)) else (got,)) if t is not None]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    assert_sites_exact(gm, graph.example_inputs, attention)
+    return expansions, attention, linear
+
+
+# (module, inputs, site expectations): None = no site (dense, with a reason)
+FORMS = {
+    "self": (lambda: Attn(True, {"need_weights": False}), lambda: _inputs(), dict(mask_kind="none")),
+    "batch_first": (lambda: Attn(True, {"need_weights": False}, batch_first=True),
+                    lambda: _inputs(batch_first=True), dict(mask_kind="none")),
+    "bool masks": (lambda: Attn(True, {"need_weights": False}), lambda: (*_inputs(), _padding(), CAUSAL),
+                   dict(mask_kind="additive", is_causal=False)),
+    "float padding": (lambda: Attn(True, {"need_weights": False}),
+                      lambda: (*_inputs(), _padding(dtype=torch.float64)), dict(mask_kind="additive")),
+    "float 3-D attn_mask": (lambda: Attn(True, {"need_weights": False}),
+                            lambda: (*_inputs(), None, torch.randn(B * HEADS, L, L, dtype=torch.float64)),
+                            dict(mask_kind="additive")),
+    "is_causal": (lambda: Attn(True, {"need_weights": False, "is_causal": True}),
+                  lambda: (*_inputs(), None, CAUSAL), dict(mask_kind="none", is_causal=True)),
+    "is_causal with padding": (lambda: Attn(True, {"need_weights": False, "is_causal": True}),
+                               lambda: (*_inputs(), _padding(), CAUSAL), dict(mask_kind="additive", is_causal=False)),
+    "bias_kv + zero_attn": (lambda: Attn(True, {"need_weights": False}, add_bias_kv=True, add_zero_attn=True),
+                            lambda: (*_inputs(), _padding(), CAUSAL), dict(mask_kind="additive", kv_len=L + 2)),
+    "kdim/vdim cross": (lambda: Attn(True, {"need_weights": False}, kdim=5, vdim=7),
+                        lambda: _inputs(kv_len=S, kdim=5, vdim=7), dict(kv_len=S, cross_attention=True)),
+    "no bias": (lambda: Attn(True, {"need_weights": False}, bias=False), lambda: _inputs(), dict(mask_kind="none")),
+    "unbatched": (lambda: Attn(True, {"need_weights": False}), lambda: (*_inputs(batched=False), _padding(batched=False)),
+                  dict(mask_kind="additive")),
+    "weights unused": (lambda: Attn(True), lambda: (*_inputs(), None, CAUSAL), dict(mask_kind="additive")),
+    "weights unused, is_causal": (lambda: Attn(True, {"is_causal": True}), lambda: (*_inputs(), None, CAUSAL),
+                                  dict(mask_kind="additive", is_causal=False)),  # need_weights keeps the mask
+    "weights": (lambda: Attn(), lambda: (*_inputs(), _padding(), CAUSAL), None),
+    "per-head weights": (lambda: Attn(call_kwargs={"average_attn_weights": False}, add_bias_kv=True),
+                         lambda: _inputs(), None),
+    "weights unbatched": (lambda: Attn(), lambda: _inputs(batched=False), None),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS), ids=list(FORMS))
+def test_mha_forms_expand_exactly(form):
+    make, inputs, expect = FORMS[form]
+    expansions, attention, _ = expanded(make(), *inputs())
+    assert [e.expanded for e in expansions] == [True]
+    if expect is None:
+        assert attention == [] and "need_weights=True" in expansions[0].dense_reason
+        return
+    assert expansions[0].dense_reason is None
+    (site,) = attention
+    assert site.form == "sdpa" and site.rank == 4 and site.name == "attn"
+    assert (site.num_heads, site.head_dim) == (HEADS, E // HEADS)
+    for field, value in {"q_len": L, "kv_len": L, "cross_attention": False, **expect}.items():
+        assert getattr(site, field) == value, field
+
+
+def test_cross_attention_with_shared_key_value_and_decoder_layer():
+    # nn.TransformerDecoderLayer's cross attention passes memory as key and value (key is value)
+    layer = nn.TransformerDecoderLayer(E, HEADS, 32, dropout=0.0)
+    tgt, memory, _ = _inputs(kv_len=S)
+    _, attention, linear = expanded(layer, tgt, memory)
+    assert [(s.name, s.cross_attention, s.kv_len) for s in attention] == [
+        ("self_attn", False, L), ("multihead_attn", True, S)]
+    names = {s.name for s in linear}
+    assert {"self_attn", "self_attn.out_proj", "multihead_attn.out_proj", "linear1", "linear2"} <= names
+
+
+def test_training_dropout_is_recorded():
+    module = Attn(True, {"need_weights": False}, dropout=0.25).double().train()
+    graph = capture(module, _inputs()).graphs[0]
+    expand_multi_head_attention(graph.graph_module)
+    (site,), _ = detect_sites(graph)
+    assert site.dropout_p == 0.25 and not site.dropout_train_only
+
+
+def test_linear_sites_name_the_projections():
+    _, _, linear = expanded(Attn(True, {"need_weights": False}), *_inputs())
+    assert {(s.name, s.weight_name) for s in linear} == {
+        ("attn", "attn.in_proj_weight"), ("attn.out_proj", "attn.out_proj.weight")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Through sparsify: the dense policy computes exactly the unsparsified model
+
+
+def _dense_equal(model: nn.Module, *args, inner="eager", train=True, **kwargs):
+    torch.manual_seed(0)
+    model = model.double().train(train)
+    reference = copy.deepcopy(model)
+    spion_fx.sparsify(model, "dense", inner=inner)
+    with torch.set_grad_enabled(train):
+        got, want = model(*args, **kwargs), reference(*args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    if train:
+        got.square().sum().backward()
+        want.square().sum().backward()
+        for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-8, atol=1e-9, msg=name)
+    return model
+
+
+def _attention_sites(model):
+    return [s.spec.name for s in model.spion_state.attention_sites()]
+
+
+def test_transformer_encoder_dense_policy_train_and_eval():
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True)
+    x, _, _ = _inputs(batch_first=True)
+    model = _dense_equal(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), x,
+                         src_key_padding_mask=_padding())
+    assert _attention_sites(model) == ["layers.0.self_attn", "layers.1.self_attn"]
+    # eval under no_grad: unsparsified, PyTorch takes the fused fast path; ours the open path
+    model.eval()
+    reference = copy.deepcopy(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).double().eval()
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("spion_state")})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-9)
+    records = model.spion_state.graph_records
+    assert not any("_transformer_encoder_layer_fwd" in str(n.target)
+                   for r in records for n in r.graph_module.graph.nodes)
+    assert len(records) == 2 and all(len(r.attention_sites) == 2 for r in records)
+
+
+def test_transformer_decoder_causal_dense_policy():
+    layer = nn.TransformerDecoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.TransformerDecoder(layer, 1)
+    tgt, memory, _ = _inputs(batch_first=True, kv_len=S)
+    mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    model = _dense_equal(model, tgt, memory, tgt_mask=mask, tgt_is_causal=True)
+    assert _attention_sites(model) == ["layers.0.self_attn", "layers.0.multihead_attn"]
+
+
+class ViTEncoderBlock(nn.Module):
+    """The structure of torchvision.models.vision_transformer.EncoderBlock."""
+
+    def __init__(self, hidden: int = E, heads: int = HEADS, mlp: int = 32):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp, hidden))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = self.dropout(y) + x
+        return x + self.mlp(self.ln_2(x))
+
+
+def test_vit_encoder_block_structure():
+    model = nn.Sequential(ViTEncoderBlock(), ViTEncoderBlock())
+    x, _, _ = _inputs(batch_first=True)
+    model = _dense_equal(model, x)
+    assert _attention_sites(model) == ["0.self_attention", "1.self_attention"]
+
+
+def test_torchvision_vit_b_16():
+    models = pytest.importorskip("torchvision.models")
+    model = models.vit_b_16(image_size=32, patch_size=16)  # 4 patches + class token, 12 layers
+    model = _dense_equal(model, torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert len(_attention_sites(model)) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Never silent
+
+
+def _warnings_of(model, *args):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(*args)
+        model(*args)
+    return [str(w.message) for w in caught if "no attention site" in str(w.message)]
+
+
+def test_no_site_warns_once_naming_need_weights():
+    model = Attn().double()  # need_weights=True (MHA's default) and the weights are returned
+    spion_fx.sparsify(model, "spion-cf", inner="eager")
+    (message,) = _warnings_of(model, *_inputs())
+    assert "need_weights=True" in message and "attn" in message
+
+
+def test_no_site_warns_naming_graph_breaks_and_softmax():
+    class Broken(nn.Module):
+        def forward(self, x):
+            x = torch.softmax(x, -1) * 2
+            torch._dynamo.graph_break()
+            return x + 1
+
+    model = Broken()
+    spion_fx.sparsify(model, "spion-cf", inner="eager")
+    (message,) = _warnings_of(model, torch.randn(2, 4))
+    assert "graph break" in message and "softmax" in message
+
+
+def test_no_warning_with_sites_or_dense_policy():
+    model = Attn(True, {"need_weights": False}).double()
+    spion_fx.sparsify(model, "spion-cf", inner="eager")
+    assert _warnings_of(model, *_inputs()) == []
+    dense = Attn().double()
+    spion_fx.sparsify(dense, "dense", inner="eager")
+    assert _warnings_of(dense, *_inputs()) == []
+
+
+def test_bare_backend_names_the_fused_encoder_layer():
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).eval()
+    compiled = torch.compile(layer, backend="spion", options={"policy": "spion-cf", "inner": "eager"})
+    x = torch.randn(B, L, E)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x)
+    messages = [str(w.message) for w in caught if "no attention site" in str(w.message)]
+    assert len(messages) == 1 and "_transformer_encoder_layer_fwd" in messages[0]
+    # with the fast path off (what sparsify does) the same layer has its site
+    torch._dynamo.reset()
+    with torch.no_grad(), mha_fast_paths_off():
+        graph = capture(layer, (x,)).graphs[0]
+    expand_multi_head_attention(graph.graph_module)
+    assert len(detect_sites(graph)[0]) == 1
