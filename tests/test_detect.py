@@ -400,6 +400,76 @@ def test_names_are_module_paths_made_unique():
 
 
 # ---------------------------------------------------------------------------------------------
+# einsum
+
+
+EINSUM_FORMS = {
+    "bhld,bhmd": lambda q, k, v: torch.einsum(
+        "bhlm,bhmd->bhld", torch.softmax(torch.einsum("bhld,bhmd->bhlm", q, k) * 0.25, -1), v),
+    "other letters": lambda q, k, v: torch.einsum(
+        "nhij,nhjc->nhic", torch.softmax(torch.einsum("nhic,nhjc->nhij", q, k) * 0.25, -1), v),
+    "operands swapped": lambda q, k, v: torch.einsum(
+        "bhmd,bhlm->bhld", v, torch.softmax(torch.einsum("bhmd,bhld->bhlm", k, q) * 0.25, -1)),
+    "transposed key": lambda q, k, v: torch.einsum(
+        "bhlm,bhmd->bhld", torch.softmax(torch.einsum("bhld,bhdm->bhlm", q, k.transpose(-1, -2)) * 0.25, -1), v),
+    "ellipsis": lambda q, k, v: torch.einsum(
+        "...lm,...md->...ld", torch.softmax(torch.einsum("...ld,...md->...lm", q, k) * 0.25, -1), v),
+    "spaces, einsum scores with matmul output": lambda q, k, v: torch.softmax(
+        torch.einsum("b h l d, b h m d -> b h l m", q, k) * 0.25, -1) @ v,
+}
+
+
+@pytest.mark.parametrize("fn", list(EINSUM_FORMS.values()), ids=list(EINSUM_FORMS))
+def test_einsum_4d_forms(fn):
+    site = one_attention(Fn(fn), *qkv())
+    assert site.form == "eager" and site.scale == 0.25 and site.rank == 4
+    assert (placeholder_of(site.q), placeholder_of(site.k), placeholder_of(site.v)) == ("l_args_0_", "l_args_1_", "l_args_2_")
+    assert site.output.target is torch.einsum or site.output.target is torch.matmul or "matmul" in str(site.output.target)
+
+
+def test_einsum_3d_with_mask_and_dropout():
+    def fn(q, k, v, mask):
+        s = torch.einsum("bld,bmd->blm", q, k) / math.sqrt(D) + mask
+        return torch.einsum("blm,bmd->bld", F.dropout(F.softmax(s, dim=-1), p=0.0, training=False), v)
+
+    q, k, v = (t.reshape(B * H, L, D) for t in qkv())
+    site = one_attention(Fn(fn), q, k, v, torch.zeros(B * H, 1, L))
+    assert site.rank == 3 and site.mask_kind == "additive" and site.scale == pytest.approx(D ** -0.5)
+    assert [n.target for n in site.nodes][0] is torch.einsum and site.nodes[-1] is site.output
+
+
+def _dims_swapped(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-1, -2).contiguous()
+
+
+# (function, which inputs arrive with their last two dims swapped)
+EINSUM_NEGATIVES = {
+    "q and k stored [.., D, L]": (lambda q, k, v: torch.einsum(
+        "bhlm,bhmd->bhld", torch.softmax(torch.einsum("bhdl,bhdm->bhlm", q, k), -1), v), "qk"),
+    "transposed scores": (lambda q, k, v: torch.einsum(
+        "bhml,bhmd->bhld", torch.softmax(torch.einsum("bhld,bhmd->bhml", q, k), -1), v), ""),
+    "batch dims permuted": (lambda q, k, v: torch.einsum(
+        "bhlm,bhmd->bhld", torch.softmax(torch.einsum("bhld,hbmd->bhlm", q, k.transpose(0, 1)), -1), v), ""),
+    "key given transposed without a transpose node": (lambda q, k, v: torch.einsum(
+        "bhlm,bhmd->bhld", torch.softmax(torch.einsum("bhld,bhdm->bhlm", q, k), -1), v), "k"),
+    "value product over the query dim": (lambda q, k, v: torch.einsum(
+        "bhlm,bhld->bhmd", torch.softmax(torch.einsum("bhld,bhmd->bhlm", q, k), -1), v), ""),
+    "three operands": (lambda q, k, v: torch.einsum(
+        "bhlm,bhmd,bhmd->bhld", torch.softmax(torch.einsum("bhld,bhmd->bhlm", q, k), -1), v, v), ""),
+    "list of operands": (lambda q, k, v: torch.einsum(
+        "bhlm,bhmd->bhld", [torch.softmax(torch.einsum("bhld,bhmd->bhlm", [q, k]), -1), v]), ""),
+}
+
+
+@pytest.mark.parametrize("case", list(EINSUM_NEGATIVES.values()), ids=list(EINSUM_NEGATIVES))
+def test_einsum_not_attention(case):
+    fn, swapped = case
+    q, k, v = (_dims_swapped(t) if name in swapped else t for name, t in zip("qkv", qkv()))
+    attention, _ = sites(Fn(fn), q, k, v)
+    assert attention == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Not attention (or not exactly readable): never a site
 
 

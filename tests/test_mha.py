@@ -299,3 +299,22 @@ def test_bare_backend_names_the_fused_encoder_layer():
         graph = capture(layer, (x,)).graphs[0]
     expand_multi_head_attention(graph.graph_module)
     assert len(detect_sites(graph)[0]) == 1
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum (the forms of test_detect.EINSUM_FORMS) between projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(E, 3 * E), nn.Linear(E, E)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (HEADS, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        probs = torch.softmax(torch.einsum("bhld,bhmd->bhlm", q, k) * (E // HEADS) ** -0.5, dim=-1)
+        return self.out(torch.einsum("bhlm,bhmd->bhld", probs, v).transpose(1, 2).flatten(2))
+
+
+def test_einsum_attention_dense_policy():
+    x, _, _ = _inputs(batch_first=True)
+    model = _dense_equal(nn.Sequential(EinsumAttention(), EinsumAttention()), x)
+    assert _attention_sites(model) == ["0", "1"]

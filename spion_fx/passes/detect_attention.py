@@ -8,7 +8,7 @@ It is described declaratively, like a regular expression over that chain (in the
 torch/_inductor/pattern_matcher.py, but over a path rather than a tree), and read backwards from
 each candidate output node:
 
-    output   matmul | bmm (probs, v)
+    output   matmul | bmm (probs, v) | einsum "bhlm,bhmd->bhld"
     cast                                               {0,2}
     dropout  dropout                                   ?
     cast     to | float | type | type_as ...           {0,2}
@@ -16,7 +16,7 @@ each candidate output node:
     cast                                               {0,2}
     mask     add (+m) | masked_fill (m, c) | where     {0,3}
     scale    mul (·c | ·t) | div (/c | /t)             ?
-    scores   matmul | bmm (q, kᵀ) | baddbmm (m, q, kᵀ, beta, alpha)
+    scores   matmul | bmm (q, kᵀ) | baddbmm (m, q, kᵀ, beta, alpha) | einsum "bhld,bhmd->bhlm"
 
 Each `Step` names the ops it accepts, which operand(s) may carry the chain (both, for
 commutative add/mul) and a `read` function that returns the step's side facts (v, mask, scale…)
@@ -49,7 +49,15 @@ import torch
 import torch.fx as fx
 
 from spion_fx.capture import owning_module
-from spion_fx.passes.detect_linear import Dim, OpCall, match_linear, op_call, shape_of
+from spion_fx.passes.detect_linear import (
+    FUNCTION_SPELLINGS,
+    Dim,
+    OpCall,
+    Spelling,
+    match_linear,
+    op_call,
+    shape_of,
+)
 from spion_fx.passes.sites import AttentionSite, MaskKind
 
 Facts = dict[str, Any]
@@ -138,8 +146,10 @@ def _other(call: OpCall, chain: str) -> Any:
 
 
 def _read_output(call: OpCall, chain: str) -> Facts | None:
+    if call.op == "einsum":
+        return _read_einsum_output(call, chain)
     v = call.get("other")
-    return {"v": v} if isinstance(v, fx.Node) else None
+    return {"v": v} if isinstance(v, fx.Node) and chain == "input" else None
 
 
 def _read_dropout(call: OpCall, chain: str) -> Facts | None:
@@ -190,6 +200,8 @@ def _read_scale(call: OpCall, chain: str) -> Facts | None:
 
 
 def _read_scores(call: OpCall, chain: str) -> Facts | None:
+    if call.op == "einsum":
+        return _read_einsum_scores(call)
     q, k_t = call.get("input"), call.get("other")
     k = _untransposed_key(k_t)
     if not isinstance(q, fx.Node) or k is None:
@@ -233,10 +245,82 @@ def _norm_dim(dim: Any, rank: int) -> int | None:
     return dim % rank if isinstance(dim, int) and -rank <= dim < rank else None
 
 
+# ---------------------------------------------------------------------------------------------
+# einsum forms: a batched matmul spelled by subscripts. Batch subscripts ("b", "bh", "...") must
+# be the same sequence in both operands and the output; which operand is q (or the probs) is
+# read from the output's subscripts, so operand order and letter choice do not matter.
+#   scores   "bhld,bhmd->bhlm" (q, k)  |  "bhld,bhdm->bhlm" (q, kᵀ), kᵀ a transpose of k
+#   output   "bhlm,bhmd->bhld" (probs, v)
+
+
+def _subscripts(term: str) -> list[str] | None:
+    """Subscript tokens of one einsum term ("..." is one token), or None if a letter repeats."""
+    tokens = ["..."] if term.startswith("...") else []
+    rest = term[3:] if tokens else term
+    if "." in rest or not rest.isalpha() or len(set(rest)) != len(rest):
+        return None
+    return tokens + list(rest)
+
+
+def _einsum_terms(call: OpCall) -> tuple[list[str], list[str], list[str]] | None:
+    """(first operand, second operand, output) subscripts of a two-operand einsum."""
+    equation, a, b = call.get("equation"), call.get("input"), call.get("other")
+    if not (isinstance(equation, str) and isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    equation = equation.replace(" ", "")
+    if equation.count("->") != 1 or equation.count(",") != 1:
+        return None
+    inputs, output = equation.split("->")
+    terms = [_subscripts(t) for t in (*inputs.split(","), output)]
+    if any(t is None or len(t) < 2 for t in terms):
+        return None
+    return terms[0], terms[1], terms[2]
+
+
+def _batched_product(left: list[str], right: list[str], out: list[str]) -> bool:
+    """out[..., i, j] = sum_c left[..., i, c] * right[..., c, j]: left @ right with shared batch."""
+    batch, (i, c), (c2, j) = left[:-2], left[-2:], right[-2:]
+    return (right[:-2] == batch and out == [*batch, i, j] and c == c2
+            and len({i, j, c}) == 3 and not {i, j, c} & set(batch))
+
+
+def _read_einsum_scores(call: OpCall) -> Facts | None:
+    terms = _einsum_terms(call)
+    if terms is None:
+        return None
+    operands = (call.get("input"), call.get("other"))
+    for qi in (0, 1):
+        q, other = operands[qi], operands[1 - qi]
+        q_sub, k_sub, out = terms[qi], terms[1 - qi], terms[2]
+        if len(k_sub) < 2:
+            continue
+        if _batched_product(q_sub, [*k_sub[:-2], k_sub[-1], k_sub[-2]], out):  # q @ kᵀ, k given
+            return {"q": q, "k": other, "k_t": None, "scores_op": "einsum"}
+        if _batched_product(q_sub, k_sub, out):  # q @ kᵀ, kᵀ given: k is what it transposes
+            k = _untransposed_key(other)
+            if k is not None:
+                return {"q": q, "k": k, "k_t": other, "scores_op": "einsum"}
+    return None
+
+
+def _read_einsum_output(call: OpCall, chain: str) -> Facts | None:
+    terms = _einsum_terms(call)
+    if terms is None:
+        return None
+    pi = 0 if chain == "input" else 1
+    if not _batched_product(terms[pi], terms[1 - pi], terms[2]):
+        return None
+    return {"v": call.get("other" if chain == "input" else "input")}
+
+
+# einsum(equation, a, b) with the operands as positionals (the list form is not read): registered
+# in the shared op view so the chain engine walks einsum nodes like any other step.
+FUNCTION_SPELLINGS.setdefault(torch.einsum, Spelling("einsum", ("equation", "input", "other")))
+
 _CASTS = frozenset({"cast"})
 
 EAGER_ATTENTION: tuple[Step, ...] = (
-    Step("output", frozenset({"matmul", "bmm"}), _read_output),
+    Step("output", frozenset({"matmul", "bmm", "einsum"}), _read_output, chain=("input", "other")),
     Step("cast_out", _CASTS, _read_cast, min=0, max=2),
     Step("dropout", frozenset({"dropout"}), _read_dropout, min=0),
     Step("cast_after", _CASTS, _read_cast, min=0, max=2),
@@ -245,7 +329,7 @@ EAGER_ATTENTION: tuple[Step, ...] = (
     Step("mask", frozenset({"add", "masked_fill", "where"}), _read_mask,
          chain=("input", "other"), min=0, max=3),
     Step("scale", frozenset({"mul", "div"}), _read_scale, chain=("input", "other"), min=0),
-    Step("scores", frozenset({"matmul", "bmm", "baddbmm"}), _read_scores, max=0),
+    Step("scores", frozenset({"matmul", "bmm", "baddbmm", "einsum"}), _read_scores, max=0),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +384,7 @@ def _eager_draft(match: list[StepMatch]) -> _Draft | None:
         "dropout_train_only": True,  # F.dropout(training=...) — Dynamo guards on the flag
     }
     k_t = f["k_t"]
-    nodes = ([k_t] if _feeds_only(k_t, scores) else []) + chain_nodes[::-1]
+    nodes = ([k_t] if k_t is not None and _feeds_only(k_t, scores) else []) + chain_nodes[::-1]
     return _Draft(fields, out, nodes)
 
 
@@ -578,7 +662,7 @@ def _drafts(gm: fx.GraphModule) -> list[_Draft]:
             continue
         if call.op == "sdpa":
             draft = _sdpa_draft(call)
-        elif call.op in ("matmul", "bmm"):
+        elif call.op in ("matmul", "bmm", "einsum"):
             draft = _only_reading(node)
         else:
             continue
