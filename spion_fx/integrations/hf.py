@@ -87,16 +87,22 @@ class SpionCallback(TrainerCallback):
         kept = [r["mass_kept"] for r in sparse if _is_number(r.get("mass_kept"))]
         if kept:
             figures[f"{PREFIX}mass_kept"] = sum(kept) / len(kept)
+        by_site = {row.get("site"): row for row in rows}
         for event in self._state.events[self._events_logged:]:
             if event.get("event") != "switch":
                 continue
             site = event["site"]
+            # the report's density (causal-aware, as in spion_fx.report) over the event's raw
+            # block fraction, so the per-site and the mean figures agree
+            row = by_site.get(site, {})
+            density = float(row.get("density", event["density"]))
             figures[f"{PREFIX}switch_step/{site}"] = int(event["step"])
-            figures[f"{PREFIX}density/{site}"] = float(event["density"])
-            if _is_number(event.get("mass_kept")):
-                figures[f"{PREFIX}mass_kept/{site}"] = float(event["mass_kept"])
+            figures[f"{PREFIX}density/{site}"] = density
+            kept = row.get("mass_kept", event.get("mass_kept"))
+            if _is_number(kept):
+                figures[f"{PREFIX}mass_kept/{site}"] = float(kept)
             logger.info("spion_fx: %s switched to sparse at step %d (density %.3f)", site,
-                        int(event["step"]), float(event["density"]))
+                        int(event["step"]), density)
         self._events_logged = len(self._state.events)
         return figures
 
