@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_cpu.py
+
+# The GPU suite (~6 min on one GPU; says so and exits 0 without CUDA). It runs on the machine's
+# own Python: a GPU machine brings its torch/triton, and the suite needs nothing else.
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_suite.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check spion_fx tests benchmarks examples
