@@ -3,23 +3,34 @@
 CPU: bytes of the packed format vs dense for transformer-sized layers (2:4, 1:8, 1:16; fp32 and
 bf16), and the tiled-unpack packed matmul vs dense ``F.linear`` (medians; CPUs have no N:M units,
 so expect the packed matmul to be slower — the packed form saves memory, not time, on CPU).
-GPU (when CUDA is present): 2:4 semi-structured and Triton 1:8 / 1:16 forward vs dense at
-[8192 × 4096] · [4096 × 4096]ᵀ in bf16.
+Training cost of N:M masks: a whole SR-STE (``nm-2:4``) training step of a small HF GPT-2 against
+the same model's dense step under the same pipeline (``sparsify`` with the dense policy), steps
+interleaved so machine load hits all variants alike; also with masks recomputed every 100 steps
+instead of every step, and with the previous unfused SR-STE backward (``g + λ·(~M)·W``, four
+temporaries) patched back in, so the fusion's effect is measured in the same run.
+GPU rows (kernel choice, decode GEMV, the GPT-2 step at L=1024 in bf16) are in benchmarks/gpu_nm.py.
 
-    python benchmarks/nm_linear.py [--quick]
+    python benchmarks/nm_linear.py [--quick] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import machine_line, markdown_table  # also puts the repository on sys.path
 
+import spion_fx
 from spion_fx.kernels.nm.packed import PackedNMLinear, pack_nm, packed_linear_cpu
-from spion_fx.runtime.nm import nm_mask
+from spion_fx.runtime.nm import SRSTEWeight, nm_mask
 
 PATTERNS = [(2, 4), (1, 8), (1, 16)]
 
@@ -74,57 +85,107 @@ def cpu_time(quick: bool) -> list[dict]:
     return rows
 
 
-def gpu_time(quick: bool) -> list[dict]:
-    if not torch.cuda.is_available():
-        print("GPU benchmark skipped: CUDA is not available on this machine.")
-        return [{"kind": "gpu_time", "skipped": "no CUDA"}]
-    from spion_fx.kernels.nm import triton_nm
-    from spion_fx.kernels.nm.packed import index_bits
+def gpt2(n_embd: int, n_layer: int, n_head: int, n_positions: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokens, in_f, out_f = (2048, 4096, 4096) if quick else (8192, 4096, 4096)
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(tokens, in_f, device=dev, dtype=dt)
-    w = torch.randn(out_f, in_f, device=dev, dtype=dt)
+    cfg = GPT2Config(vocab_size=256, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(cfg).train()
 
-    def cuda_ms(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
 
-    t_dense = cuda_ms(lambda: F.linear(x, w))
+@contextlib.contextmanager
+def unfused_srste_backward() -> Iterator[None]:
+    """The SR-STE backward as it was before the fusion, for a same-run comparison."""
+    fused = SRSTEWeight.backward
+
+    def unfused(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.lam * (~mask) * weight, None, None
+
+    SRSTEWeight.backward = staticmethod(unfused)
+    try:
+        yield
+    finally:
+        SRSTEWeight.backward = staticmethod(fused)
+
+
+# (row name, policy, policy overrides, run the step with the unfused backward)
+STEP_VARIANTS = (
+    ("dense", "dense", {}, False),
+    ("nm-2:4 SR-STE, mask every step", "nm-2:4", {}, False),
+    ("nm-2:4 SR-STE, mask every 100 steps", "nm-2:4", {"update_interval": 100}, False),
+    ("nm-2:4 SR-STE, previous unfused backward", "nm-2:4", {}, True),
+)
+
+
+def step_times(
+    base: torch.nn.Module, ids: torch.Tensor, variants=STEP_VARIANTS, *, reps: int, warmup: int = 3,
+    device: str = "cpu", autocast: torch.dtype | None = None, fused_adamw: bool = False,
+    inner: str = "eager", deadline: float = float("inf"),
+) -> dict[str, list[float]]:
+    """Interleaved training-step wall times (ms) of each variant of ``base`` under ``sparsify``."""
+    runs: dict[str, tuple[Callable[[], None], bool]] = {}
+    for name, policy, overrides, unfused in variants:
+        model = copy.deepcopy(base).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw or None)
+        spion_fx.sparsify(model, policy, optimizer=opt, inner=inner, **overrides)
+
+        def step(model=model, opt=opt) -> None:
+            with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        runs[name] = (step, unfused)
+
+    def timed(step: Callable[[], None], unfused: bool) -> float:
+        ctx = unfused_srste_backward() if unfused else contextlib.nullcontext()
+        with ctx:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) * 1e3
+
+    for step, unfused in runs.values():
+        for _ in range(warmup):
+            timed(step, unfused)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        if time.perf_counter() > deadline:
+            break
+        for name, (step, unfused) in runs.items():
+            samples[name].append(timed(step, unfused))
+    return samples
+
+
+def step_rows(samples: dict[str, list[float]], what: str) -> list[dict[str, Any]]:
+    dense = statistics.median(samples["dense"])
     rows = []
-    for n, m in PATTERNS:
-        mask = nm_mask(w, n, m)
-        wm = w * mask
-        row = {"kind": "gpu_time", "shape": f"{tokens}x{in_f} -> {out_f}", "pattern": f"{n}:{m}",
-               "dtype": "bfloat16", "dense_ms": t_dense}
-        if (n, m) == (2, 4):
-            try:
-                from torch.sparse import to_sparse_semi_structured
-
-                ws = to_sparse_semi_structured(wm)
-                row["semi_structured_ms"] = cuda_ms(lambda ws=ws: F.linear(x, ws))
-                row["speedup"] = t_dense / row["semi_structured_ms"]
-            except Exception as exc:
-                row["semi_structured_error"] = str(exc)[:120]
-        values, idx = pack_nm(wm, n, m, mask)
-        row["triton_ms"] = cuda_ms(
-            lambda v=values, i=idx, n=n, m=m: triton_nm.nm_matmul(x, v, i, n, m, in_f, index_bits(m)))
-        row["triton_speedup"] = t_dense / row["triton_ms"]
-        rows.append(row)
+    for name, times in samples.items():
+        if name == "dense" or not times:
+            continue
+        ms = statistics.median(times)
+        rows.append({"kind": "train_step", "shape": what, "pattern": name, "dtype": "float32",
+                     "dense_ms": dense, "packed_ms": ms, "step/dense": ms / dense})
     return rows
 
 
+def cpu_train_step(quick: bool) -> list[dict]:
+    n_embd, n_layer, seq = (128, 2, 128) if quick else (256, 4, 256)
+    base = gpt2(n_embd, n_layer, 4, seq)
+    ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0))
+    samples = step_times(base, ids, reps=4 if quick else 12)
+    return step_rows(samples, f"GPT-2 d{n_embd} {n_layer} layers, B=2 L={seq}, AdamW")
+
+
 def run(quick: bool) -> list[dict]:
-    return cpu_memory(quick) + cpu_time(quick) + gpu_time(quick)
+    return cpu_memory(quick) + cpu_time(quick) + cpu_train_step(quick)
 
 
 def _print(rows: list[dict]) -> None:
@@ -138,10 +199,30 @@ def _print(rows: list[dict]) -> None:
             print(" | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys))
 
 
+def write_section(path: Path, rows: list[dict], seconds: float, quick: bool) -> None:
+    """Replace this benchmark's subsection (``### nm_linear`` up to the next heading or the CPU
+    end marker) in BENCHMARKS.md; the rest of the file is left as it is."""
+    text = path.read_text()
+    head = "### nm_linear"
+    start = text.index(head)
+    ends = [i for i in (text.find("\n### ", start + 1), text.find("<!-- cpu:end -->", start)) if i != -1]
+    end = min(ends)
+    title = (__doc__ or "").strip().splitlines()[0]
+    body = (f"{head}\n\n{title}{' (--quick)' if quick else ''} Machine: {machine_line()}.\n\n"
+            f"{markdown_table(rows).rstrip()}\n\n_{seconds:.0f} s_\n")
+    path.write_text(text[:start] + body + ("\n" if not text[end:].startswith("\n") else "") + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
-    _print(run(parser.parse_args().quick))
+    parser.add_argument("--write", type=Path, help="rewrite the nm_linear subsection of this file")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows = run(args.quick)
+    _print(rows)
+    if args.write:
+        write_section(args.write, rows, time.perf_counter() - start, args.quick)
 
 
 if __name__ == "__main__":

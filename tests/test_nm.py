@@ -67,8 +67,9 @@ def test_srste_fused_backward_is_bit_identical_to_the_formula(dtype, lam):
     if dtype == torch.float32:
         assert torch.equal(w.grad, expected)
     else:  # the old expression went through fp32 (λ·~M is a default-dtype tensor): λ was rounded
+        # bf16: within one rounding at the scale of g and λ·W (~N(0, 1) here)
         bf16 = dtype == torch.bfloat16
-        torch.testing.assert_close(w.grad, expected, atol=1e-5 if bf16 else 1e-7, rtol=2**-8 if bf16 else 0)
+        torch.testing.assert_close(w.grad, expected, atol=2e-2 if bf16 else 1e-7, rtol=2**-8 if bf16 else 0)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.37, 0.0])
