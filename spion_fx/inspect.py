@@ -3,9 +3,14 @@
     python -m spion_fx.inspect --model gpt2 --policy spion-cf --seq-len 128
     python -m spion_fx.inspect --model /path/to/hf_model_dir --format json
     python -m spion_fx.inspect --model mypkg.models:make_model    # returns (model, example_inputs)
+    python -m spion_fx.inspect --model /path/to/hf_model_dir --policy spion-p --patterns --no-graph
 
 The model goes through the very machinery `sparsify` uses (Dynamo → detection → rewrite), with
 the eager inner compiler and one no-grad forward, so what is printed is what training would run.
+With ``--patterns`` (SPION policies) it also probes the example batch once and builds each site's
+pattern from that map, as a switch would: the table gains the pattern's density and the share of
+the map's attention mass it keeps ("mass kept"). On a trained model (a local HF directory) that
+previews what SPION would drop; on the built-in configs the weights are random.
 Bad arguments print one line and exit with status 2.
 """
 
@@ -82,7 +87,38 @@ def inspect_model(model: torch.nn.Module, args: tuple, kwargs: dict, policy: Pol
     return compiler.records, breaks
 
 
-def site_rows(records: list[GraphRecord]) -> list[dict[str, Any]]:
+def probe_patterns(model: torch.nn.Module, args: tuple, kwargs: dict, policy: Policy) -> dict[str, dict[str, Any]]:
+    """Probe one no-grad forward, build every site's pattern from that map as a switch would.
+
+    Returns {site name: report row} (density, mass kept, per-head mass kept, phase).
+    """
+    from spion_fx.reporting import build_report
+
+    state = SparsityState(policy).eval()
+    compiler = SpionCompiler(state, model=model, inner="eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=compiler, dynamic=False)
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)  # creates the sites
+            sites = [s for s in state.attention_sites() if s.can_be_sparse[0]]
+            for site in sites:
+                site.probing = True  # part of the variant key: the next call lowers a probe variant
+            compiled(*args, **kwargs)
+        for site in sites:
+            site.probing = False
+            count = float(site.probe_stats[0])
+            if count == 0:
+                continue  # the probe skipped this site (non-finite activations)
+            site.sync_from_buffers()
+            site.previous_map = site.probe_accum / count
+            state._switch_to_sparse(site, 0, forced=False)
+    finally:
+        torch._dynamo.reset()
+    return {row["site"]: row for row in build_report(state) if row["kind"] == "attention"}
+
+
+def site_rows(records: list[GraphRecord], patterns: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     rows = []
     for record in records:
         for site in record.attention_sites:
@@ -92,6 +128,14 @@ def site_rows(records: list[GraphRecord]) -> list[dict[str, Any]]:
                 "causal": site.is_causal, "mask": site.mask_kind, "cross": site.cross_attention,
                 "decision": record.decisions.get(site.name, ""),
             })
+            if patterns is not None:
+                probed = patterns.get(site.name, {})
+                sparse = probed.get("phase") == "sparse"
+                rows[-1].update({
+                    "density": probed.get("density") if sparse else None,
+                    "mass_kept": probed.get("mass_kept"),
+                    "mass_kept_per_head": probed.get("mass_kept_per_head"),
+                })
         for site in record.linear_sites:
             rows.append({
                 "graph": record.index, "site": site.name, "kind": site.role, "form": site.form,
@@ -99,6 +143,10 @@ def site_rows(records: list[GraphRecord]) -> list[dict[str, Any]]:
                 "decision": record.decisions.get(site.name, ""),
             })
     return rows
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
 
 
 def _shape(node: Any) -> list[int] | None:
@@ -113,14 +161,19 @@ def print_text(rows: list[dict[str, Any]], records: list[GraphRecord], breaks: l
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=f"spion_fx sites ({len(records)} graph(s), {len(breaks)} graph break(s))")
-    for column in ("graph", "site", "kind", "form", "shape", "heads", "causal", "decision"):
+    probed = any("mass_kept" in row for row in rows)
+    columns = ["graph", "site", "kind", "form", "shape", "heads", "causal", "decision"]
+    for column in columns + (["density", "mass kept"] if probed else []):
         table.add_column(column, overflow="fold")
     for row in rows:
         heads = "" if row.get("heads") is None else f"{row['heads']}/{row.get('kv_heads') or row['heads']}"
-        table.add_row(
+        cells = [
             str(row["graph"]), row["site"], row["kind"], row["form"], str(row["shape"]), heads,
             "" if "causal" not in row else str(row["causal"]), row["decision"],
-        )
+        ]
+        if probed:
+            cells += [_percent(row.get("density")), _percent(row.get("mass_kept"))]
+        table.add_row(*cells)
     console.print(table)
     for reason in breaks:
         console.print(f"[yellow]graph break:[/yellow] {reason}")
@@ -141,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--no-graph", action="store_true", help="print only the table of sites")
+    parser.add_argument(
+        "--patterns", action="store_true",
+        help="SPION policies: probe the example batch and show each site's pattern density and mass kept",
+    )
     try:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed a one-line usage error
@@ -156,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"spion_fx.inspect: error: {exc}", file=sys.stderr)
         return 2
+    if ns.patterns and policy.attention.method != "spion":
+        print(f"spion_fx.inspect: error: --patterns needs a SPION policy, got {ns.policy!r}", file=sys.stderr)
+        return 2
     records, breaks = inspect_model(model, args, kwargs, policy)
-    rows = site_rows(records)
+    patterns = probe_patterns(model, args, kwargs, policy) if ns.patterns else None
+    rows = site_rows(records, patterns)
     if ns.format == "json":
         payload = {
             "model": ns.model, "policy": policy.name, "graphs": len(records), "graph_breaks": breaks,

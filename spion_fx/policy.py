@@ -19,7 +19,7 @@ LinearMethod = Literal["dense", "srste", "mdgf", "sdgf", "mst"]
 InnerCompiler = Literal["inductor", "eager", "aot_eager"]
 
 _ATTENTION_METHODS = ("dense", "spion")
-_VARIANTS = ("cf", "c", "f")
+_VARIANTS = ("cf", "c", "f", "p")
 _SWITCH = ("global", "per-layer")
 _LINEAR_METHODS = ("dense", "srste", "mdgf", "sdgf", "mst")
 _DECAYS = ("linear", "exp")
@@ -63,11 +63,13 @@ class AttentionPolicy:
     """How attention sites are treated (SPION, ALGORITHMS.md §1)."""
 
     method: AttentionMethod = "dense"
-    variant: Literal["cf", "c", "f"] = "cf"
+    variant: Literal["cf", "c", "f", "p"] = "cf"
     block_size: int = 64
     quantile: float = 0.98
     filter_size: int = 31
     density: float | None = None  # block budget for variant "c"
+    coverage: float = 0.9  # variant "p": share of the probe map's attention mass to keep
+    max_density: float | None = None  # variant "p": cap on the share of blocks kept
     per_head: bool = False
     probe_interval: int = 200
     probe_batches: int = 1  # batches averaged into A_s at each check (original: 1)
@@ -98,6 +100,11 @@ class AttentionPolicy:
             _check_float(own, "density", self.density, 0.0, 1.0, open_low=True)
         if self.method == "spion" and self.variant == "c" and self.density is None:
             _fail(own, "density", None, "a number in (0, 1] when variant='c' (its block budget)")
+        _check_float(own, "coverage", self.coverage, 0.0, 1.0, open_low=True)
+        if self.max_density is not None:
+            _check_float(own, "max_density", self.max_density, 0.0, 1.0, open_low=True)
+            if self.variant != "p":
+                _fail(own, "max_density", self.max_density, "None unless variant='p' (it caps the coverage pattern)")
         if not isinstance(self.per_head, bool):
             _fail(own, "per_head", self.per_head, "True or False")
         _check_int(own, "probe_interval", self.probe_interval, 1)
@@ -237,7 +244,9 @@ class Policy:
         parts = []
         if self.attention.method == "spion":
             a = self.attention
-            parts.append(f"SPION-{a.variant.upper()} (block {a.block_size}, q={a.quantile}, probe every {a.probe_interval})")
+            rule = f"coverage {a.coverage}" if a.variant == "p" else f"q={a.quantile}"
+            cap = f", max density {a.max_density}" if a.max_density is not None else ""
+            parts.append(f"SPION-{a.variant.upper()} (block {a.block_size}, {rule}{cap}, probe every {a.probe_interval})")
         if self.attention.hsa_window is not None:
             parts.append(f"HSA {self.attention.hsa_mode} steps {self.attention.hsa_window}")
         if self.linear.method != "dense":
@@ -291,6 +300,7 @@ PRESETS: dict[str, str] = {
     "spion-cf": "SPION, convolution + flood fill block pattern (the paper's best variant)",
     "spion-c": "SPION, convolution + top-k blocks (density 0.05 by default)",
     "spion-f": "SPION, flood fill on the pooled map without convolution",
+    "spion-p": "coverage-targeted blocks: per layer (or head) the fewest blocks keeping 90 % of the probed attention mass",
     "nm-N:M": "N:M weight masks with SR-STE (e.g. nm-2:4, nm-1:16)",
     "pgf-mdgf-N:M": "progressive gradient flow, mask decay (MDGF) to N:M",
     "pgf-sdgf-N:M": "progressive gradient flow, structure decay (SDGF stepwise) to N:M",
@@ -306,7 +316,7 @@ def _parse_preset(spec: str) -> Policy:
     for part in spec.strip().lower().split("+"):
         if part == "dense":
             continue
-        if part in ("spion-cf", "spion-c", "spion-f", "spion"):
+        if part in ("spion-cf", "spion-c", "spion-f", "spion-p", "spion"):
             variant = part.split("-")[1] if "-" in part else "cf"
             density = 0.05 if variant == "c" else None
             attention = AttentionPolicy(method="spion", variant=variant, density=density)

@@ -12,25 +12,7 @@ from spion_fx.runtime.state import SparsityState
 
 
 def build_report(state: SparsityState) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for site in state.attention_sites():
-        ok, why = site.can_be_sparse
-        density = 1.0
-        saved = 0.0
-        if site.phase == "sparse" and site.pattern.numel():
-            density = pattern_density(site.pattern, causal=site.causal)
-            saved = 1.0 - density
-        rows.append({
-            "site": site.spec.name,
-            "kind": "attention",
-            "phase": site.phase,
-            "switch_step": int(site.switch_step) if int(site.switch_step) >= 0 else None,
-            "density": density,
-            "attention_flops_saved": saved,
-            "checks": int(site.stability[0]),
-            "last_change": None if math.isnan(float(site.stability[2])) else float(site.stability[2]),
-            "note": "" if ok else why,
-        })
+    rows: list[dict[str, Any]] = [_attention_row(site) for site in state.attention_sites()]
     if state.linear is not None:
         for entry in state.linear.report():
             rows.append({"kind": "linear", **entry})
@@ -44,29 +26,74 @@ def build_report(state: SparsityState) -> list[dict[str, Any]]:
     return rows
 
 
+def _attention_row(site: Any) -> dict[str, Any]:
+    ok, why = site.can_be_sparse
+    density = 1.0
+    saved = 0.0
+    if site.phase == "sparse" and site.pattern.numel():
+        density = pattern_density(site.pattern, causal=site.causal)
+        saved = 1.0 - density
+    return {
+        "site": site.spec.name,
+        "kind": "attention",
+        "phase": site.phase,
+        "switch_step": int(site.switch_step) if int(site.switch_step) >= 0 else None,
+        "density": density,
+        # Share of the probe map's attention mass the pattern keeps (runtime/coverage.py),
+        # recorded at the switch; None while dense (nothing is dropped).
+        "mass_kept": _mass_kept(site),
+        "mass_kept_per_head": _mass_kept_per_head(site),
+        "attention_flops_saved": saved,
+        "checks": int(site.stability[0]),
+        "last_change": None if math.isnan(float(site.stability[2])) else float(site.stability[2]),
+        "note": "" if ok else why,
+    }
+
+
+def _mass_kept(site: Any) -> float | None:
+    value = float(site.mass_kept)
+    return None if site.phase != "sparse" or math.isnan(value) else value
+
+
+def _mass_kept_per_head(site: Any) -> list[float] | None:
+    if _mass_kept(site) is None or site.mass_kept_per_head.numel() == 0:
+        return None
+    return [float(v) for v in site.mass_kept_per_head]
+
+
+def _percent(value: Any) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def _phase_cell(row: dict[str, Any]) -> str:
+    phase = row.get("phase", "")
+    if row["kind"] == "linear":
+        return f"{row.get('pattern', row.get('method', ''))} ({phase})"
+    return str(phase)
+
+
+# (header, cell of a row) in display order: add a column here and every table shows it.
+COLUMNS: list[tuple[str, Any]] = [
+    ("site", lambda r: str(r.get("site", r.get("name", "")))),
+    ("kind", lambda r: r["kind"]),
+    ("phase / pattern", _phase_cell),
+    ("switch step", lambda r: "" if r.get("switch_step") is None else str(r["switch_step"])),
+    ("density", lambda r: _percent(r.get("density"))),
+    ("mass kept", lambda r: _percent(r.get("mass_kept"))),
+    ("saved", lambda r: _percent(r.get("attention_flops_saved"))),
+    ("note", lambda r: str(r.get("note") or r.get("dense_reason") or "")),
+]
+
+
 def print_report(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="spion_fx sites")
-    table.add_column("site", overflow="fold")
-    for column in ("kind", "phase / pattern", "switch step", "density", "saved", "note"):
-        table.add_column(column)
+    for header, _ in COLUMNS:
+        table.add_column(header, **({"overflow": "fold"} if header == "site" else {}))
     for row in rows:
-        phase = row.get("phase", "")
-        if row["kind"] == "linear":
-            phase = f"{row.get('pattern', row.get('method', ''))} ({phase})"
-        density = row.get("density")
-        saved = row.get("attention_flops_saved")
-        table.add_row(
-            str(row.get("site", row.get("name", ""))),
-            row["kind"],
-            str(phase),
-            "" if row.get("switch_step") is None else str(row["switch_step"]),
-            "" if density is None else f"{density:.1%}",
-            "" if saved is None else f"{saved:.1%}",
-            str(row.get("note") or row.get("dense_reason") or ""),
-        )
+        table.add_row(*(cell(row) for _, cell in COLUMNS))
     Console(width=max(Console().width, 120)).print(table)
 
 

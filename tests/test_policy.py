@@ -16,6 +16,11 @@ def test_presets_parse():
     assert Policy.preset("pgf-sdgf-1:16").linear.method == "sdgf"
     assert Policy.preset("mst").linear.method == "mst"
     assert Policy.preset("dense").attention.method == "dense"
+    p = Policy.preset("spion-p")
+    assert p.attention.variant == "p" and (p.attention.coverage, p.attention.max_density) == (0.9, None)
+    p = Policy.preset("spion-p", coverage=0.95, max_density=0.3, per_head=True)
+    assert (p.attention.coverage, p.attention.max_density, p.attention.per_head) == (0.95, 0.3, True)
+    assert "coverage 0.95, max density 0.3" in p.describe()
 
 
 def test_overrides_route_to_their_part():
@@ -36,11 +41,21 @@ def test_overrides_route_to_their_part():
         ({"probe_batches": 500}, "attention.probe_batches"),
         ({"tolerance": 0}, "attention.tolerance"),
         ({"compat": "other"}, "attention.compat"),
+        ({"coverage": 0}, "attention.coverage"),
+        ({"coverage": 1.2}, "attention.coverage"),
+        ({"max_density": 0}, "attention.max_density"),
+        ({"max_density": "0.5"}, "attention.max_density"),
     ],
 )
 def test_invalid_attention_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        Policy.preset("spion-cf", **kwargs)
+        Policy.preset("spion-p" if "max_density" in kwargs else "spion-cf", **kwargs)
+
+
+def test_max_density_only_caps_the_coverage_variant():
+    with pytest.raises(ValueError, match=r"attention\.max_density.*variant='p'"):
+        Policy.preset("spion-cf", max_density=0.2)
+    assert Policy.preset("spion-p", max_density=0.2).attention.max_density == 0.2
 
 
 def test_invalid_linear_values_name_the_field():

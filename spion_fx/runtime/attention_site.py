@@ -69,6 +69,11 @@ class AttentionSiteModule(nn.Module):
         self.register_buffer("previous_map", torch.zeros(0, 0))
         # [checks done, previous distance, last relative change]
         self.register_buffer("stability", torch.tensor([0.0, math.nan, math.nan], dtype=torch.float64))
+        # Share of the probe map's attention mass the pattern keeps (runtime/coverage.py), set at
+        # the switch from the map the pattern was built from: overall, and per head when the map
+        # is per head ([0] otherwise). Persistent, so report() after a resume still has them.
+        self.register_buffer("mass_kept", torch.tensor(math.nan, dtype=torch.float64))
+        self.register_buffer("mass_kept_per_head", torch.zeros(0, dtype=torch.float64))
         # Python mirrors of the buffers above that forward() branches on: buffers are fake
         # tensors while the compiler traces, so their values must be read before lowering.
         self._phase = PHASE_DENSE
@@ -125,6 +130,11 @@ class AttentionSiteModule(nn.Module):
         self._built_layouts.clear()
         self.sync_from_buffers()
 
+    def record_mass_kept(self, overall: float, per_head: torch.Tensor) -> None:
+        """Store what the pattern keeps of its probe map (see runtime/coverage.py)."""
+        self.mass_kept.fill_(overall)
+        self.mass_kept_per_head = per_head.detach().to(device=self.phase_code.device, dtype=torch.float64)
+
     def set_dense(self) -> None:
         self.phase_code.fill_(PHASE_DENSE)
         self._built_layouts.clear()
@@ -138,7 +148,11 @@ class AttentionSiteModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes.
         self._check_checkpoint_pattern(state_dict, prefix)
-        for name in ("pattern", "probe_accum", "previous_map"):
+        if prefix + "pattern" in state_dict and prefix + "mass_kept" not in state_dict:
+            # A checkpoint from before mass kept was recorded: load it, the mass is unknown.
+            state_dict[prefix + "mass_kept"] = torch.tensor(math.nan, dtype=torch.float64)
+            state_dict[prefix + "mass_kept_per_head"] = torch.zeros(0, dtype=torch.float64)
+        for name in ("pattern", "probe_accum", "previous_map", "mass_kept_per_head"):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.phase_code.device))

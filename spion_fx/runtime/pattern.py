@@ -1,4 +1,4 @@
-"""SPION block-pattern generation (variants CF, F and C), vectorised.
+"""SPION block-pattern generation (variants CF, F and C, and our coverage variant P), vectorised.
 
 `generate_pattern` turns a post-softmax attention score matrix A_s into an nb x nb boolean block
 pattern, following the authors' code exactly (see ALGORITHMS.md section 1 and
@@ -35,6 +35,9 @@ pattern, following the authors' code exactly (see ALGORITHMS.md section 1 and
   n_cells = nb^2, or nb(nb+1)/2 with causal=True, where candidates are the strictly-lower cells
   (so `pattern_density(p, causal=True)` is about `density`). The original ran top-k over all
   cells, diagonal included, so it could keep fewer than k + nb blocks; we do not copy that.
+* **coverage** (P, ours, not in the original): the fewest blocks of the raw (unfiltered) map whose
+  attention mass reaches `coverage` of the map's mass, diagonal first, optionally capped by
+  `max_density`; see `coverage.py`.
 * The block diagonal is always forced on; causal=True then drops every block above the diagonal.
 
 **Any L**: A is zero padded to nb * B, nb = ceil(L / B), exactly what the original would compute
@@ -53,7 +56,7 @@ from torch import Tensor
 
 __all__ = ["VARIANTS", "block_scores", "generate_pattern", "pattern_density", "resize_pattern"]
 
-VARIANTS = ("cf", "f", "c")
+VARIANTS = ("cf", "f", "c", "p")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,19 +261,27 @@ def _topk_marks(scores: Tensor, density: float, causal: bool) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_variant_args(variant: str, quantile: float, density: float | None) -> None:
+def _check_variant_args(
+    variant: str, quantile: float, density: float | None, coverage: float, max_density: float | None
+) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if density is not None and variant != "c":
+        raise ValueError(f"density applies only to variant 'c', not {variant!r}; use quantile or coverage")
+    if max_density is not None and variant != "p":
+        raise ValueError(f"max_density applies only to variant 'p', not {variant!r}")
     if variant == "c":
         if density is None:
             raise ValueError("variant 'c' needs density (fraction of blocks to keep, in (0, 1])")
         if not 0.0 < float(density) <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density!r}")
-    else:
-        if density is not None:
-            raise ValueError(f"density applies only to variant 'c', not {variant!r}; use quantile")
-        if not 0.0 <= float(quantile) <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+    elif variant == "p":
+        if not 0.0 < float(coverage) <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
+        if max_density is not None and not 0.0 < float(max_density) <= 1.0:
+            raise ValueError(f"max_density must be in (0, 1], got {max_density!r}")
+    elif not 0.0 <= float(quantile) <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
 
 
 def generate_pattern(
@@ -283,16 +294,22 @@ def generate_pattern(
     density: float | None = None,
     causal: bool = False,
     per_head: bool = False,
+    coverage: float = 0.9,
+    max_density: float | None = None,
 ) -> Tensor:
     """SPION block pattern of a post-softmax score matrix (see the module docstring).
 
     attn: [L, L], or [H, L, L] (averaged over dim 0 unless per_head=True). Any L; any float dtype;
     CPU or CUDA. Returns a bool tensor [nb, nb] ([H, nb, nb] with per_head), nb = ceil(L / B),
-    on attn's device, block diagonal always on, nothing above it when causal.
+    on attn's device, block diagonal always on, nothing above it when causal. `quantile` and
+    `filter_size` serve CF / F (F has no filter), `density` serves C, `coverage` and
+    `max_density` serve P; the others are ignored.
     """
-    _check_variant_args(variant, quantile, density)
+    _check_variant_args(variant, quantile, density, coverage, max_density)
     if per_head and attn.dim() != 3:
         raise ValueError(f"per_head=True needs attn of shape [H, L, L], got {tuple(attn.shape)}")
+    if variant == "p":
+        return _coverage_variant(attn, block_size, coverage, max_density, causal, per_head)
     size = None if variant == "f" else filter_size
     scores = block_scores(attn, block_size=block_size, filter_size=size, per_head=per_head)
     scores = scores if per_head else scores[None]
@@ -307,6 +324,20 @@ def generate_pattern(
     marks |= torch.eye(nb, dtype=torch.bool, device=marks.device)
     if causal:
         marks &= torch.ones(nb, nb, dtype=torch.bool, device=marks.device).tril()
+    return marks if per_head else marks[0]
+
+
+def _coverage_variant(
+    attn: Tensor, block_size: int, coverage: float, max_density: float | None, causal: bool, per_head: bool
+) -> Tensor:
+    from spion_fx.runtime.coverage import block_mass, coverage_pattern
+
+    _check_positive_int("block_size", block_size)
+    mass = block_mass(_as_score_stack(attn), block_size)
+    if not bool(torch.isfinite(mass).all()):
+        raise ValueError("attn contains NaN or inf")
+    mass = mass if per_head else mass.sum(0, keepdim=True)  # head average: same ranking as the mean
+    marks = coverage_pattern(mass, coverage, causal=causal, max_density=max_density)
     return marks if per_head else marks[0]
 
 
