@@ -257,6 +257,7 @@ class SparsityState(nn.Module):
         return stable
 
     def _switch_to_sparse(self, site: AttentionSiteModule, step: int, *, forced: bool) -> None:
+        from spion_fx.runtime.coverage import mass_kept
         from spion_fx.runtime.pattern import generate_pattern
 
         att = self.policy.attention
@@ -267,16 +268,18 @@ class SparsityState(nn.Module):
         pattern = generate_pattern(
             attention_map, block_size=att.block_size, variant=att.variant, quantile=att.quantile,
             filter_size=att.filter_size, density=att.density, causal=site.causal,
-            per_head=attention_map.dim() == 3,
+            per_head=attention_map.dim() == 3, coverage=att.coverage, max_density=att.max_density,
         )
         pattern = _broadcast_from_rank0(pattern)
         q_len, kv_len = attention_map.shape[-2:]
         site.set_pattern(pattern.unsqueeze(0) if pattern.dim() == 2 else pattern, q_len, kv_len, step)
+        kept, kept_per_head = mass_kept(attention_map, pattern, att.block_size)
+        site.record_mass_kept(kept, kept_per_head if attention_map.dim() == 3 else kept_per_head[:0])
         self.version += 1
         density = float(pattern.float().mean())
         self.events.append({
             "event": "switch", "site": site.spec.name, "step": step, "density": density,
-            "forced": forced,
+            "mass_kept": kept, "forced": forced,
         })
 
     # ---- devices -------------------------------------------------------------------------
