@@ -279,7 +279,7 @@ class SparsityState(nn.Module):
         density = float(pattern.float().mean())
         self.events.append({
             "event": "switch", "site": site.spec.name, "step": step, "density": density,
-            "mass_kept": kept, "forced": forced,
+            "forced": forced,
         })
 
     # ---- devices -------------------------------------------------------------------------
