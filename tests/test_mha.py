@@ -9,7 +9,10 @@ dense policy, forward and gradients.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +321,24 @@ def test_einsum_attention_dense_policy():
     x, _, _ = _inputs(batch_first=True)
     model = _dense_equal(nn.Sequential(EinsumAttention(), EinsumAttention()), x)
     assert _attention_sites(model) == ["0", "1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/transformer_encoder_spion.py
+
+
+def test_transformer_encoder_example_reaches_the_sparse_phase():
+    path = Path(__file__).resolve().parents[1] / "examples" / "transformer_encoder_spion.py"
+    spec = importlib.util.spec_from_file_location("example_transformer_encoder_spion", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Dynamo looks the model's module up by name
+    spec.loader.exec_module(module)
+    assert "examples/transformer_encoder_spion.py" in module.__doc__
+    model = module.main(["--seq-len", "64", "--batch-size", "2", "--steps", "6", "--layers", "2", "--d-model", "32",
+                         "--heads", "2", "--block-size", "16", "--probe-interval", "2", "--max-dense-steps", "4",
+                         "--inner", "aot_eager"])
+    sites = list(model.spion_state.attention_sites())
+    assert [s.spec.name for s in sites] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    assert all(s.phase == "sparse" and int(s.switch_step) == 4 for s in sites)
+    assert all(s.spec.is_causal for s in sites)  # the causal mask + is_causal hint reached the site
+    assert any(not bool(s.pattern.all()) for s in sites), "patterns should be sparse"
