@@ -123,23 +123,29 @@ STEP_VARIANTS = (
 def step_times(
     base: torch.nn.Module, ids: torch.Tensor, variants=STEP_VARIANTS, *, reps: int, warmup: int = 3,
     device: str = "cpu", autocast: torch.dtype | None = None, fused_adamw: bool = False,
-    inner: str = "eager", deadline: float = float("inf"),
+    inner: str | None = "eager", deadline: float = float("inf"), models: dict | None = None,
 ) -> dict[str, list[float]]:
-    """Interleaved training-step wall times (ms) of each variant of ``base`` under ``sparsify``."""
+    """Interleaved training-step wall times (ms) of each variant of ``base`` under ``sparsify``
+    (``inner=None``: the policy's default inner compiler). ``models`` receives the trained models
+    and each variant's last loss, for checks after timing."""
     runs: dict[str, tuple[Callable[[], None], bool]] = {}
+    losses: dict[str, float] = {}
     for name, policy, overrides, unfused in variants:
         model = copy.deepcopy(base).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw or None)
         spion_fx.sparsify(model, policy, optimizer=opt, inner=inner, **overrides)
 
-        def step(model=model, opt=opt) -> None:
+        def step(model=model, opt=opt, name=name) -> None:
             with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            losses[name] = loss.detach()
 
         runs[name] = (step, unfused)
+        if models is not None:
+            models[name] = model
 
     def timed(step: Callable[[], None], unfused: bool) -> float:
         ctx = unfused_srste_backward() if unfused else contextlib.nullcontext()
@@ -161,6 +167,8 @@ def step_times(
             break
         for name, (step, unfused) in runs.items():
             samples[name].append(timed(step, unfused))
+    if models is not None:
+        models["losses"] = {name: float(loss) for name, loss in losses.items()}
     return samples
 
 
