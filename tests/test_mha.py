@@ -239,11 +239,21 @@ def test_vit_encoder_block_structure():
     assert _attention_sites(model) == ["0.self_attention", "1.self_attention"]
 
 
-def test_torchvision_vit_b_16():
+def test_torchvision_vit():
     models = pytest.importorskip("torchvision.models")
-    model = models.vit_b_16(image_size=32, patch_size=16)  # 4 patches + class token, 12 layers
-    model = _dense_equal(model, torch.randn(1, 3, 32, 32, dtype=torch.float64))
-    assert len(_attention_sites(model)) == 12
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    # vit_b_16 itself: one site per encoder block (float32, forward only: it has 86M parameters)
+    vit = models.vit_b_16(image_size=32).eval()  # 2x2 patches + class token
+    graph = capture(vit, (torch.randn(1, 3, 32, 32),)).graphs[0]
+    expand_multi_head_attention(graph.graph_module)
+    attention, _ = detect_sites(graph)
+    assert [s.name for s in attention] == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(12)]
+    assert all(s.form == "sdpa" and s.num_heads == 12 and s.q_len == 5 for s in attention)
+    # the same architecture at toy width: the dense policy is exact, forward and gradients
+    tiny = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    model = _dense_equal(tiny, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    assert _attention_sites(model) == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +273,8 @@ def test_no_site_warns_once_naming_need_weights():
     spion_fx.sparsify(model, "spion-cf", inner="eager")
     (message,) = _warnings_of(model, *_inputs())
     assert "need_weights=True" in message and "attn" in message
+    (record,) = model.spion_state.graph_records
+    assert "need_weights=True" in record.decisions["attn [attention]"]
 
 
 def test_no_site_warns_naming_graph_breaks_and_softmax():

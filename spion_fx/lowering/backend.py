@@ -76,7 +76,8 @@ class SpionCompiler:
         attention, linear = detect_sites(gm, names)
         _qualify_site_names(attention, linear, len(self.records))
         record = GraphRecord(len(self.records), attention, linear, [])
-        record.decisions.update({e.name or f"<graph {record.index}>": e.dense_reason for e in mha if e.dense_reason})
+        # "[attention]": the module's own name is its in-projection's linear site
+        record.decisions.update({f"{e.name or 'model'} [attention]": e.dense_reason for e in mha if e.dense_reason})
         record.unmatched_attention = attention_like_ops(gm, {n for s in attention for n in s.nodes}) + [
             f"{e.name or 'model'}: {e.dense_reason}" for e in mha if e.dense_reason]
         self._linear_modules = self._linear_modules_for(gm, example_inputs, linear, record)

@@ -285,9 +285,8 @@ def explicit_multi_head_attention(
 ):
     """F.multi_head_attention_forward for the branch `c` selects, op for op.
 
-    Works on tensors and on fx.Proxy alike (no data-dependent Python): the pass calls it with
-    proxies to emit the graph, the tests call it with tensors against the original. Returns
-    (attn_output, attn_weights or None).
+    Written over fx.Proxy (no data-dependent Python; every size comes from `c`), so calling it
+    emits the graph. Returns (attn_output, attn_weights or None).
     """
     heads, tgt_len, bsz, embed_dim = c.num_heads, c.tgt_len, c.bsz, c.embed_dim
     head_dim = embed_dim // heads
