@@ -283,3 +283,35 @@ def test_spion_attend_runs_the_op_on_cpu():
     gpu_suite.compare_outputs(got, gpu_suite.attention_outputs(reference, q, k, v, g.double()),
                               torch.float32)
     assert math.isfinite(float(got["dq"].abs().sum()))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gpt2_rows_smoke_on_cpu():
+    """The GPT-2 section's own code (not its figures) at a tiny size on CPU: every row present,
+    the switch found between the dense and the sparse steps."""
+    pytest.importorskip("transformers")
+    setup = gpu_suite.GPT2Setup(seq_len=64, batch=2, layers=1, width=32, heads=2, block_size=16,
+                                warmup=1, reps=1, device="cpu", compile_backend="eager",
+                                sparsify_inner="aot_eager")
+    budget = gpu_suite.Budget(10_000.0)
+    rows, raw = gpu_suite.gpt2_rows(budget, budget.deadline("gpt2"), lambda _: None, setup)
+    names = [r["what"] for r in rows]
+    assert names[:3] == ["GPT-2 step, eager HF", "GPT-2 step, torch.compile",
+                         "GPT-2 step, sparsify dense phase"], names
+    assert any(n.startswith("GPT-2 switch stall") for n in names)
+    sparse = next(r for r in rows if r["what"] == "GPT-2 step, sparsify sparse phase")
+    assert sparse["ratio"] is not None and sparse["target"] == ">= 2.5x"
+    assert 0 < raw["sparsify"]["grid_density"] < 1
+    assert len(raw["sparsify"]["switch_steps_ms"]) >= 2
+    assert all(math.isfinite(r["ours_ms"]) for r in rows if r["ours_ms"] is not None)
+
+
+def test_gpt2_rows_skip_what_the_budget_cannot_hold():
+    pytest.importorskip("transformers")
+    clock = FakeClock()
+    budget = gpu_suite.Budget(50.0, clock=clock)  # GPT-2 gets 44 s: too little for compiles
+    setup = gpu_suite.GPT2Setup(seq_len=32, batch=1, layers=1, width=16, heads=2, block_size=16,
+                                warmup=0, reps=1, device="cpu")
+    rows, _ = gpu_suite.gpt2_rows(budget, budget.deadline("gpt2"), lambda _: None, setup)
+    assert [r["note"] for r in rows[1:]] == ["skipped: budget", "skipped: budget"]
