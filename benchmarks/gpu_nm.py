@@ -13,7 +13,8 @@ faster than the baseline), stopping early once ``time.perf_counter() > deadline`
    covers a loop of calls so launch latency is amortised alike for both sides.
 3. An SR-STE (``nm-2:4``) training step of HF GPT-2 (vocab 256, 1024 positions, d768, 6 layers,
    12 heads), B=2, L=1024, bf16 autocast, fused AdamW, against the dense step under the same
-   pipeline; masks recomputed every step (the policy default) and every 100 steps.
+   pipeline; masks recomputed every step (the policy default) and every 100 steps. Beside it, the
+   cost of one mask refresh: the one-pass Triton mask kernel vs abs + topk + scatter.
 Every kernel's output is checked against the dense masked product before it is timed; one that
 disagrees gets a row saying so instead of a time. On a machine without CUDA it returns [].
 
@@ -186,6 +187,24 @@ def decode_rows(deadline: float, *, device: str = "cuda", weights_shapes=DECODE_
     return rows
 
 
+def mask_rows(deadline: float, *, device: str = "cuda", shapes=((768, 2304), (4096, 4096)),
+              timer: Timer = cuda_ms) -> list[dict[str, Any]]:
+    """The per-step mask refresh of SR-STE (fp32 master weights, 2:4): one Triton pass vs topk."""
+    rows = []
+    note = _device_note(device)
+    for shape in shapes:
+        if time.perf_counter() > deadline:
+            break
+        w = torch.randn(shape, device=device)
+        refresh = {kernel: (lambda i, w=w, kernel=kernel: nm_mask(w, 2, 4, kernel=kernel)) for kernel in ("auto", "topk")}
+        same = torch.equal(refresh["auto"](0), refresh["topk"](0))
+        ours_ms = timer(refresh["auto"], 1) if same else float("nan")
+        rows.append(row(f"SR-STE mask refresh 2:4 W{list(shape)} fp32", ours_ms, "abs+topk+scatter",
+                        timer(refresh["topk"], 1),
+                        "context (cost per refresh)", ("" if same else "masks differ; not timed; ") + note))
+    return rows
+
+
 def train_step_rows(deadline: float, *, device: str = "cuda", reps: int = 10, config=(768, 6, 12, 1024),
                     batch: int = 2, inner: str | None = None, warmup: int = 3) -> list[dict[str, Any]]:
     """SR-STE GPT-2 step vs dense (same pipeline; ``inner=None``: the default inner compiler)."""
@@ -238,7 +257,7 @@ def gpu_rows(deadline: float) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         return []
     rows: list[dict[str, Any]] = []
-    for section in (decode_rows, prefill_rows, train_step_rows):
+    for section in (decode_rows, prefill_rows, mask_rows, train_step_rows):
         if time.perf_counter() > deadline:
             break
         try:

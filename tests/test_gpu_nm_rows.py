@@ -92,3 +92,9 @@ def test_train_step_rows_on_cpu(monkeypatch):
                                   batch=1, inner="eager", warmup=1)
     assert len(rows) == 1 and all(set(r) == KEYS for r in rows)
     assert all(r["ours_ms"] > 0 and r["baseline_ms"] > 0 and "masks 2:4" in r["note"] for r in rows)
+
+
+def test_mask_rows_on_cpu():
+    rows = gpu_nm.mask_rows(time.perf_counter() + 600, device="cpu", shapes=((8, 16),),
+                            timer=_fake_timer([1.0, 3.0]))
+    assert len(rows) == 1 and set(rows[0]) == KEYS and rows[0]["ratio"] == 3.0

@@ -126,3 +126,21 @@ def test_packed_linear_triton_decode_path():
     x = torch.randn(2, 48)  # 2 tokens: the GEMV kernel
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), F.linear(x.double(), wm.double()),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (3, 16), (1, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_triton_mask_matches_topk_mask(n, m, transposed):
+    g = torch.Generator().manual_seed(m * 10 + n)
+    shape = (7 * m, 9) if transposed else (9, 7 * m)
+    w = torch.randn(shape, generator=g)
+    got = triton_nm.nm_mask(w.to(DEVICE), n, m, transposed=transposed).cpu()
+    assert got.dtype == torch.bool and torch.equal(got, nm_mask(w, n, m, transposed=transposed))
+
+
+def test_triton_mask_ties_go_to_the_earlier_position():
+    w = torch.tensor([[1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    got = triton_nm.nm_mask(w.to(DEVICE), 2, 4).cpu()
+    assert got.int().tolist() == [[1, 1, 0, 0, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        triton_nm.nm_mask(torch.randn(2, 6).to(DEVICE), 2, 4)

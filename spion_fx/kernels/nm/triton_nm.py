@@ -127,11 +127,62 @@ def _nm_gemv_kernel(
         tl.atomic_add(y_ptrs, acc, mask=y_ok)
 
 
+def _nm_mask_kernel(
+    w_ptr, mask_ptr, n_groups, n_cols, stride_grow, stride_col, stride_j,
+    N: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # group q = (group row q // n_cols, column q % n_cols); its M entries are stride_j apart
+    offs_q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    q_ok = offs_q < n_groups
+    base = (offs_q // n_cols) * stride_grow + (offs_q % n_cols) * stride_col
+    r = tl.arange(0, M)
+    ptrs = base[:, None] + r[None, :] * stride_j
+    a = tl.abs(tl.load(w_ptr + ptrs, mask=q_ok[:, None], other=0.0).to(tl.float32))
+    # rank of entry i = entries that beat it: larger |w|, or equal |w| at an earlier position
+    ai = a[:, :, None]
+    aj = a[:, None, :]
+    earlier = (r[None, None, :] < r[None, :, None])
+    beats = (aj > ai) | ((aj == ai) & earlier)
+    rank = tl.sum(beats.to(tl.int32), axis=2)
+    tl.store(mask_ptr + ptrs, (rank < N).to(tl.uint8), mask=q_ok[:, None])
+
+
 @functools.lru_cache(maxsize=4)
 def _kernel(interpret: bool, name: str = "matmul"):
     del interpret  # part of the cache key only: decoration reads the environment
     _import_triton()
-    return triton.jit({"matmul": _nm_matmul_kernel, "gemv": _nm_gemv_kernel}[name])
+    kernels = {"matmul": _nm_matmul_kernel, "gemv": _nm_gemv_kernel, "mask": _nm_mask_kernel}
+    return triton.jit(kernels[name])
+
+
+def nm_mask(weight: Tensor, n: int, m: int, *, transposed: bool = False) -> Tensor:
+    """The N:M mask of |W| in one pass (read W, write the mask): each program ranks a block of
+    groups in registers. Same rule as ``runtime.nm.nm_mask`` (keep the n largest |w| of each group
+    of m consecutive inputs; ties go to the earlier position). M must be a power of two."""
+    reason = supports(n, m)
+    if reason:
+        raise RuntimeError(f"triton N:M mask unavailable: {reason}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got {tuple(weight.shape)}")
+    w = weight.detach()
+    mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+    rows, cols = w.shape
+    if not transposed:  # [out, in]: groups run along a row
+        if cols % m:
+            raise ValueError(f"input size {cols} is not a multiple of m={m}")
+        w = w.contiguous()
+        n_groups, n_cols, stride_grow, stride_col, stride_j = rows * cols // m, 1, m, 0, 1
+    else:  # [in, out]: groups run down a column
+        if rows % m:
+            raise ValueError(f"input size {rows} is not a multiple of m={m}")
+        w = w.contiguous()
+        n_groups, n_cols, stride_grow, stride_col, stride_j = rows // m * cols, cols, m * cols, 1, cols
+    block = max(1, min(256, 4096 // (m * m)))
+    _kernel(interpreting(), "mask")[(-(-n_groups // block),)](
+        w, mask.view(torch.uint8), n_groups, n_cols, stride_grow, stride_col, stride_j,
+        N=n, M=m, BLOCK=block,
+    )
+    return mask
 
 
 def supports(n: int, m: int) -> str | None:
