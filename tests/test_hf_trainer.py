@@ -65,10 +65,20 @@ def _train_logs(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_trainer_counts_optimizer_steps_and_logs_the_switch(tmp_path):
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted run, checkpointed after step 5 (one step after the switch)."""
+    torch._dynamo.reset()
+    out = tmp_path_factory.mktemp("full")
     model = _model()
-    trainer, recorder = _trainer(model, tmp_path)
+    trainer, recorder = _trainer(model, out, save_strategy="steps", save_steps=5)
     trainer.train()
+    torch._dynamo.reset()
+    return model, trainer, recorder, out / "checkpoint-5"
+
+
+def test_trainer_counts_optimizer_steps_and_logs_the_switch(full_run):
+    model, trainer, recorder, _ = full_run
     # 12 training forwards, 6 optimizer steps: spion_fx's step is the Trainer's global step
     assert [(g, s) for g, s, _ in recorder.steps] == [(g, g) for g in range(1, STEPS + 1)]
     switch = POLICY["max_dense_steps"]
@@ -92,16 +102,15 @@ def test_trainer_counts_optimizer_steps_and_logs_the_switch(tmp_path):
     assert logs[-1]["spion/attention_density"] == pytest.approx(sum(r["density"] for r in report.values()) / 2)
 
 
-def test_resume_after_the_switch_restores_patterns_phases_and_step(tmp_path):
-    model = _model()
-    trainer, _ = _trainer(model, tmp_path / "full", save_strategy="steps", save_steps=5)
-    trainer.train()
+def test_resume_after_the_switch_restores_patterns_phases_and_step(full_run, tmp_path):
+    model, trainer, _, checkpoint = full_run
     full_losses = [entry["loss"] for entry in _train_logs(trainer)]
-    checkpoint = tmp_path / "full" / "checkpoint-5"
     assert checkpoint.is_dir()
 
     resumed_model = _model()
     resumed, recorder = _trainer(resumed_model, tmp_path / "resumed", callback_first=True)
+    # add_spion_callback: right after the flow callback, ahead of any report_to integration
+    assert isinstance(resumed.callback_handler.callbacks[1], SpionCallback)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     # one more optimizer step after the checkpoint: the counter continues from 5, sparse already
     assert recorder.steps == [(STEPS, STEPS, ("sparse", "sparse"))]
