@@ -72,6 +72,14 @@ def _phase_cell(row: dict[str, Any]) -> str:
     return str(phase)
 
 
+def _kernel_cell(row: dict[str, Any]) -> str:
+    """After finalize: the kernel each N:M layer got and its measured speed relative to dense."""
+    kernel, ratio = row.get("kernel"), row.get("vs_dense")
+    if not kernel:
+        return ""
+    return kernel if ratio is None else f"{kernel} ({ratio:.2f}x dense)"
+
+
 # (header, cell of a row) in display order: add a column here and every table shows it.
 COLUMNS: list[tuple[str, Any]] = [
     ("site", lambda r: str(r.get("site", r.get("name", "")))),
@@ -81,6 +89,7 @@ COLUMNS: list[tuple[str, Any]] = [
     ("density", lambda r: _percent(r.get("density"))),
     ("mass kept", lambda r: _percent(r.get("mass_kept"))),
     ("saved", lambda r: _percent(r.get("attention_flops_saved"))),
+    ("kernel", _kernel_cell),
     ("note", lambda r: str(r.get("note") or r.get("dense_reason") or "")),
 ]
 

@@ -13,6 +13,7 @@ from spion_fx.kernels.nm.packed import PackedNMLinear
 from spion_fx.lowering import nm_select
 from spion_fx.lowering.finalize import finalize
 from spion_fx.policy import LinearPolicy
+from spion_fx.reporting import print_report
 from spion_fx.runtime.linear_controller import LinearSparsityController
 from spion_fx.runtime.nm import nm_mask
 
@@ -140,7 +141,7 @@ def _trained_net():
     return net, ctl, x, ref
 
 
-def test_finalize_speed_mode_with_injected_timings():
+def test_finalize_speed_mode_with_injected_timings(capsys):
     net, ctl, x, ref = _trained_net()
     per_layer = {24 * 16: {"dense": 1.0, "cpu": 4.0}, 24 * 8: {"dense": 2.0, "cpu": 1.0}}
 
@@ -156,6 +157,9 @@ def test_finalize_speed_mode_with_injected_timings():
     rows = {r["name"]: r for r in ctl.report()}
     assert rows["fc"]["kernel"] == "dense" and rows["fc"]["vs_dense"] == pytest.approx(1.0)
     assert rows["conv"]["kernel"] == "cpu" and rows["conv"]["vs_dense"] == pytest.approx(2.0)
+    print_report([{"kind": "linear", **r} for r in ctl.report()])
+    out = capsys.readouterr().out
+    assert "cpu (2.00x" in out and "dense (1.00x" in out
 
 
 def test_finalize_measures_on_cpu_and_stays_exact(tmp_path):
