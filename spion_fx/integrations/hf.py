@@ -98,9 +98,9 @@ class SpionCallback(TrainerCallback):
             density = float(row.get("density", event["density"]))
             figures[f"{PREFIX}switch_step/{site}"] = int(event["step"])
             figures[f"{PREFIX}density/{site}"] = density
-            kept = row.get("mass_kept", event.get("mass_kept"))
-            if _is_number(kept):
-                figures[f"{PREFIX}mass_kept/{site}"] = float(kept)
+            site_kept = row.get("mass_kept", event.get("mass_kept"))
+            if _is_number(site_kept):
+                figures[f"{PREFIX}mass_kept/{site}"] = float(site_kept)
             logger.info("spion_fx: %s switched to sparse at step %d (density %.3f)", site,
                         int(event["step"]), density)
         self._events_logged = len(self._state.events)
