@@ -190,7 +190,7 @@ def _attention_sites(model):
 def test_transformer_encoder_dense_policy_train_and_eval():
     layer = nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True)
     x, _, _ = _inputs(batch_first=True)
-    model = _dense_equal(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), x,
+    model = _dense_equal(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), x, inner="aot_eager",
                          src_key_padding_mask=_padding())
     assert _attention_sites(model) == ["layers.0.self_attn", "layers.1.self_attn"]
     # eval under no_grad: unsparsified, PyTorch takes the fused fast path; ours the open path
@@ -348,7 +348,7 @@ def test_transformer_encoder_example_reaches_the_sparse_phase():
     assert "examples/transformer_encoder_spion.py" in module.__doc__
     model = module.main(["--seq-len", "64", "--batch-size", "2", "--steps", "6", "--layers", "2", "--d-model", "32",
                          "--heads", "2", "--block-size", "16", "--probe-interval", "2", "--max-dense-steps", "4",
-                         "--inner", "aot_eager"])
+                         "--inner", "eager"])
     sites = list(model.spion_state.attention_sites())
     assert [s.spec.name for s in sites] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
     assert all(s.phase == "sparse" and int(s.switch_step) == 4 for s in sites)

@@ -108,7 +108,7 @@ class SpionCompiler:
             f"spion_fx: the policy asks for attention sparsity but no attention site was found in "
             f"{len(self.records)} captured graph(s); attention stays dense. Seen instead: "
             + ("; ".join(seen) if seen else "nothing attention-like (no softmax, SDPA or known attention op)"),
-            stacklevel=3,
+            stacklevel=4,  # the user's model(...) call, through sparsify's wrapper and nn.Module
         )
 
     def _unresolved(self, name: str, record: GraphRecord) -> bool:
