@@ -157,6 +157,16 @@ def test_training_dropout_is_recorded():
     assert site.dropout_p == 0.25 and not site.dropout_train_only
 
 
+def test_dynamic_shapes_stay_opaque_with_a_reason():
+    module = Attn(True, {"need_weights": False}).double()
+    graph = capture(module, _inputs(), dynamic=True).graphs[0]
+    (expansion,) = expand_multi_head_attention(graph.graph_module)
+    # symbolic sizes (and Dynamo makes dropout_p a symbolic float too): left as it is, with the reason
+    assert not expansion.expanded and "kept opaque" in expansion.dense_reason
+    assert any(n.target is F.multi_head_attention_forward for n in graph.graph_module.graph.nodes)
+    assert detect_sites(graph)[0] == []
+
+
 def test_linear_sites_name_the_projections():
     _, _, linear = expanded(Attn(True, {"need_weights": False}), *_inputs())
     assert {(s.name, s.weight_name) for s in linear} == {
