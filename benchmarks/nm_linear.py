@@ -2,7 +2,8 @@
 
 CPU: bytes of the packed format vs dense for transformer-sized layers (2:4, 1:8, 1:16; fp32 and
 bf16), and the tiled-unpack packed matmul vs dense ``F.linear`` (medians; CPUs have no N:M units,
-so expect the packed matmul to be slower — the packed form saves memory, not time, on CPU).
+so expect the packed matmul to be slower — the packed form saves memory, not time, on CPU), and
+which kernel finalize's measured selection then picks (``speedup`` = its ratio to dense, ≥ 1).
 Training cost of N:M masks: a whole SR-STE (``nm-2:4``) training step of a small HF GPT-2 against
 the same model's dense step under the same pipeline (``sparsify`` with the dense policy), steps
 interleaved so machine load hits all variants alike; also with masks recomputed every 100 steps
@@ -85,6 +86,27 @@ def cpu_time(quick: bool) -> list[dict]:
     return rows
 
 
+def cpu_finalize_pick(quick: bool) -> list[dict]:
+    """What finalize's measured selection picks on this CPU (dense unless a packed path is faster)."""
+    import tempfile
+
+    from spion_fx.lowering import nm_select
+
+    tokens = 256 if quick else 1024
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = nm_select.TimingCache(Path(tmp) / "t.json")
+        for n, m in PATTERNS:
+            w = torch.randn(3072, 768)
+            mask = nm_mask(w, n, m)
+            choice, _ = nm_select.choose_kernel(w * mask, None, n, m, mask, tokens=tokens, cache=cache)
+            rows.append({"kind": "finalize_pick", "shape": f"{tokens}x768 -> 3072", "pattern": f"{n}:{m}",
+                         "dtype": "float32", "dense_ms": choice.times_ms["dense"],
+                         "packed_ms": choice.times_ms.get("cpu"), "picked": choice.kernel,
+                         "speedup": choice.vs_dense})
+    return rows
+
+
 def gpt2(n_embd: int, n_layer: int, n_head: int, n_positions: int, seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -124,10 +146,12 @@ def step_times(
     base: torch.nn.Module, ids: torch.Tensor, variants=STEP_VARIANTS, *, reps: int, warmup: int = 3,
     device: str = "cpu", autocast: torch.dtype | None = None, fused_adamw: bool = False,
     inner: str | None = "eager", deadline: float = float("inf"), models: dict | None = None,
+    cpu_ms: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Interleaved training-step wall times (ms) of each variant of ``base`` under ``sparsify``
     (``inner=None``: the policy's default inner compiler). ``models`` receives the trained models
-    and each variant's last loss, for checks after timing."""
+    and each variant's last loss, for checks after timing; ``cpu_ms`` the process CPU time of
+    each step, which other processes' load on a shared machine inflates less than wall time."""
     runs: dict[str, tuple[Callable[[], None], bool]] = {}
     losses: dict[str, float] = {}
     for name, policy, overrides, unfused in variants:
@@ -147,15 +171,17 @@ def step_times(
         if models is not None:
             models[name] = model
 
-    def timed(step: Callable[[], None], unfused: bool) -> float:
+    def timed(step: Callable[[], None], unfused: bool, name: str | None = None) -> float:
         ctx = unfused_srste_backward() if unfused else contextlib.nullcontext()
         with ctx:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
+            if name is not None and cpu_ms is not None:
+                cpu_ms.setdefault(name, []).append((time.process_time() - c0) * 1e3)
             return (time.perf_counter() - t0) * 1e3
 
     for step, unfused in runs.values():
@@ -166,21 +192,23 @@ def step_times(
         if time.perf_counter() > deadline:
             break
         for name, (step, unfused) in runs.items():
-            samples[name].append(timed(step, unfused))
+            samples[name].append(timed(step, unfused, name))
     if models is not None:
         models["losses"] = {name: float(loss) for name, loss in losses.items()}
     return samples
 
 
-def step_rows(samples: dict[str, list[float]], what: str) -> list[dict[str, Any]]:
+def step_rows(samples: dict[str, list[float]], cpu_ms: dict[str, list[float]], what: str) -> list[dict[str, Any]]:
     dense = statistics.median(samples["dense"])
+    dense_cpu = statistics.median(cpu_ms["dense"])
     rows = []
     for name, times in samples.items():
         if name == "dense" or not times:
             continue
-        ms = statistics.median(times)
+        ms, cpu = statistics.median(times), statistics.median(cpu_ms[name])
         rows.append({"kind": "train_step", "shape": what, "pattern": name, "dtype": "float32",
-                     "dense_ms": dense, "packed_ms": ms, "step/dense": ms / dense})
+                     "dense_ms": dense, "packed_ms": ms, "step/dense": ms / dense,
+                     "step/dense (CPU time)": cpu / dense_cpu})
     return rows
 
 
@@ -188,12 +216,13 @@ def cpu_train_step(quick: bool) -> list[dict]:
     n_embd, n_layer, seq = (128, 2, 128) if quick else (256, 4, 256)
     base = gpt2(n_embd, n_layer, 4, seq)
     ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0))
-    samples = step_times(base, ids, reps=4 if quick else 12)
-    return step_rows(samples, f"GPT-2 d{n_embd} {n_layer} layers, B=2 L={seq}, AdamW")
+    cpu_ms: dict[str, list[float]] = {}
+    samples = step_times(base, ids, reps=4 if quick else 12, cpu_ms=cpu_ms)
+    return step_rows(samples, cpu_ms, f"GPT-2 d{n_embd} {n_layer} layers, B=2 L={seq}, AdamW (eager inner)")
 
 
 def run(quick: bool) -> list[dict]:
-    return cpu_memory(quick) + cpu_time(quick) + cpu_train_step(quick)
+    return cpu_memory(quick) + cpu_time(quick) + cpu_finalize_pick(quick) + cpu_train_step(quick)
 
 
 def _print(rows: list[dict]) -> None:
