@@ -61,6 +61,7 @@ _STATIC_PARAMS = {
     "average_attn_weights": bool, "is_causal": bool,
 }
 
+
 @dataclass(frozen=True)
 class MHAConfig:
     """The Python-valued facts of one call (constants in the graph)."""
@@ -108,7 +109,7 @@ def expand_multi_head_attention(gm: fx.GraphModule) -> list[MHAExpansion]:
             done.append(MHAExpansion(name, False, f"dense: nn.MultiheadAttention kept opaque ({result})"))
         elif result.return_weights:
             done.append(MHAExpansion(name, True, "dense: need_weights=True and the attention weights "
-                                     "are used (pass need_weights=False to sparsify it)"))
+                                     "are used (they are the full softmax; call it with need_weights=False to sparsify it)"))
         else:
             done.append(MHAExpansion(name, True))
     if done:
