@@ -77,6 +77,19 @@ def test_wrong_kernel_is_never_chosen(monkeypatch):
     assert "differs" in choice.rejected["cpu"]
 
 
+def test_kernel_that_raises_is_not_a_candidate(monkeypatch):
+    masked, mask = _masked()
+
+    def refuse(self, x):
+        raise RuntimeError("below the library's minimum")
+
+    monkeypatch.setattr(PackedNMLinear, "forward", refuse)
+    choice, layer = nm_select.choose_kernel(masked, None, 2, 4, mask, mode="memory", tokens=4,
+                                            timer=_timer({"dense": 1.0, "cpu": 0.1})[0])
+    assert choice.kernel == "dense" and layer is None  # memory mode with no working packed kernel
+    assert "minimum" in choice.rejected["cpu"]
+
+
 def test_cache_is_written_read_and_keyed(tmp_path):
     masked, mask = _masked()
     path = tmp_path / "t.json"
