@@ -24,6 +24,7 @@ SPION = dict(
     inner="aot_eager", block_size=BLOCK, probe_interval=2, quantile=0.6, filter_size=3,
     max_dense_steps=6,
 )
+SPION_P = dict(SPION, coverage=0.8, per_head=True)
 SPION_STEPS = 9  # steps 0..5 dense (switch decided at the end of step 5 at the latest), 6..8 sparse
 NM_SEQ, NM_STEPS = 16, 4
 FSDP_STEPS = 8
@@ -113,6 +114,24 @@ def scenario_ddp_spion(rank: int, world: int) -> dict[str, Any]:
     return {"losses": losses, **spion_summary(model.spion_state)}
 
 
+def scenario_ddp_spion_p(rank: int, world: int) -> dict[str, Any]:
+    """The coverage variant with per-head patterns, like ddp_spion; also each site's mass kept."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import spion_fx
+
+    torch.manual_seed(0)
+    model, ids = global_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    spion_fx.sparsify(model, "spion-p", optimizer=opt, **SPION_P)
+    ddp = DDP(model)
+    losses = train(ddp, opt, shard(ids, rank, world), SPION_STEPS)
+    summary = spion_summary(model.spion_state)
+    for site in model.spion_state.attention_sites():
+        summary["sites"][site.spec.name]["mass_kept"] = site.mass_kept_per_head.clone()
+    return {"losses": losses, **summary}
+
+
 def scenario_ddp_wrap_then_sparsify(rank: int, world: int) -> dict[str, Any]:
     """The other order: sparsify the DDP wrapper itself (Dynamo then compiles DDP.forward)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -167,6 +186,7 @@ def scenario_fsdp_spion(rank: int, world: int) -> dict[str, Any]:
 
 SCENARIOS = {
     "ddp_spion": scenario_ddp_spion,
+    "ddp_spion_p": scenario_ddp_spion_p,
     "ddp_wrap_then_sparsify": scenario_ddp_wrap_then_sparsify,
     "ddp_nm": scenario_ddp_nm,
     "fsdp_spion": scenario_fsdp_spion,

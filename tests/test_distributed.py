@@ -8,6 +8,8 @@ the same decision and builds the same pattern. Checked here:
   the global batch (the two shards concatenated): per-rank A_s is a mean over batch and heads, so
   with equal shard sizes the all-reduced mean *is* the global-batch map, and DDP's averaged
   gradients are the global-batch gradients. Losses agree in the dense and the sparse phase.
+- The coverage variant (spion-p, per-head patterns) likewise: same decisions on both ranks, and
+  the mass kept each rank records is the same and meets the coverage.
 - The other order (sparsify the DDP wrapper) also trains, with site names under ``module.``.
 - N:M masks ("nm-2:4") are identical across ranks under DDP (they come from |W|, which DDP keeps
   identical).
@@ -34,7 +36,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 
 import _dist_worker as worker  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
-SCENARIOS = ["ddp_spion", "ddp_wrap_then_sparsify", "ddp_nm", "fsdp_spion"]
+SCENARIOS = ["ddp_spion", "ddp_spion_p", "ddp_wrap_then_sparsify", "ddp_nm", "fsdp_spion"]
 DENSE_STEPS = worker.SPION["max_dense_steps"]
 SITES = {"transformer.h.0.attn", "transformer.h.1.attn"}
 
@@ -120,6 +122,17 @@ def test_ddp_spion_equals_single_process_on_the_global_batch(runs, single):
         assert torch.equal(got["pattern"], site["pattern"]), name
         # mean of per-rank A_s (batch- and head-means over equal shards) == global-batch A_s
         torch.testing.assert_close(got["map"], site["map"], atol=1e-6, rtol=1e-5)
+
+
+def test_ddp_spion_p_ranks_agree_and_meet_the_coverage(runs):
+    ranks = _ok(runs, "ddp_spion_p")
+    _assert_ranks_agree(ranks)
+    sites = ranks[0]["sites"]
+    assert set(sites) == SITES
+    for name, site in sites.items():
+        assert site["phase"] == "sparse" and site["pattern"].dim() == 3 and site["pattern"].shape[0] > 1, name
+        assert torch.equal(site["mass_kept"], ranks[1]["sites"][name]["mass_kept"]), name
+        assert bool((site["mass_kept"] >= worker.SPION_P["coverage"] - 1e-9).all()), name
 
 
 def test_ddp_sparsify_the_wrapper_also_works(runs):

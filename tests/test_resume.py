@@ -39,6 +39,7 @@ def _fresh(base, preset, **policy):
     [
         ("spion-cf", POLICY, 3),  # dense phase, between probe checks
         ("spion-cf", POLICY, 8),  # right after the switch
+        ("spion-p", dict(POLICY, coverage=0.8, per_head=True), 8),  # the coverage variant, per head
         ("mst", dict(inner="eager", total_steps=12, mst_update_interval=3), 5),  # mid-MST phase
         ("spion-cf+pgf-sdgf-1:4", dict(POLICY, total_steps=12, dense_steps=2), 5),
     ],
@@ -63,6 +64,8 @@ def test_resume_matches_uninterrupted_run(preset, policy, kill_at, tmp_path):
     assert before + after == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
     for a, b in zip(model.spion_state.attention_sites(), resumed.spion_state.attention_sites()):
         assert a.phase == b.phase and torch.equal(a.pattern, b.pattern)
+        assert torch.allclose(a.mass_kept, b.mass_kept, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(a.mass_kept_per_head, b.mass_kept_per_head)
 
 
 def test_checkpoint_for_another_policy_names_the_site(tmp_path):
