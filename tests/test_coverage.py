@@ -233,3 +233,15 @@ def test_mass_kept_survives_a_checkpoint():
         fresh.eval()(**kwargs)  # sites are built (and their checkpoint entries applied) at first sight
     for a, b in zip(model.spion_state.attention_sites(), fresh.spion_state.attention_sites(), strict=True):
         assert float(a.mass_kept) == float(b.mass_kept) and torch.equal(a.mass_kept_per_head, b.mass_kept_per_head)
+
+
+def test_inspect_patterns_shows_mass_kept(capsys):
+    import json
+
+    from spion_fx.inspect import main
+
+    pytest.importorskip("transformers")
+    assert main(["--model", "llama", "--policy", "spion-p", "--seq-len", "192", "--patterns", "--format", "json"]) == 0
+    sites = [s for s in json.loads(capsys.readouterr().out)["sites"] if s["kind"] == "attention"]
+    assert sites and all(s["mass_kept"] >= 0.9 and 0 < s["density"] <= 1 for s in sites)
+    assert main(["--model", "llama", "--policy", "dense", "--patterns"]) == 2
