@@ -21,7 +21,10 @@ from common import ROOT, machine_description, markdown_table, print_table
 
 BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
 # Kernel-level first, then whole-model: the order the report reads best in.
-MODULES = ("attention_cpu", "hsa_cpu", "pattern_generation", "nm_linear", "train_step", "probe_overhead", "quality")
+MODULES = (
+    "attention_cpu", "hsa_cpu", "pattern_generation", "nm_linear", "train_step", "switch_time",
+    "probe_overhead", "quality", "long_range",
+)
 
 
 def run_module(name: str, quick: bool) -> dict[str, Any]:
@@ -59,7 +62,8 @@ def cpu_section(results: list[dict[str, Any]], quick: bool) -> str:
     lines = [
         "## CPU",
         "",
-        f"Measured {stamp}{' (--quick)' if quick else ''} with `python benchmarks/run_cpu.py`.",
+        f"Last run {stamp}{' (--quick)' if quick else ''} with `python benchmarks/run_cpu.py`"
+        " (each subsection says when it was measured; `--only` re-measures some and keeps the others).",
         "",
         f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads",
         f"- torch {machine['torch']}, Python {machine['python']}, {machine['os']}",
@@ -74,21 +78,47 @@ def cpu_section(results: list[dict[str, Any]], quick: bool) -> str:
             lines += [f"_not measured: {result['status']}_", ""]
             continue
         lines += [result.get("title", ""), "", markdown_table(result["rows"]).rstrip(), "",
-                  f"_{result['seconds']:.0f} s_", ""]
+                  f"_{result['seconds']:.0f} s, measured {stamp}_", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the CPU section between the markers, or append one; keep everything else."""
-    block = f"{BEGIN}\n{section}{END}"
+    """Write the CPU section between the markers, or append one; keep everything else.
+
+    Benchmarks measured before and not re-run now (``--only``) keep their subsections: the new
+    section's header replaces the old one, its ``### name`` subsections replace those of the same
+    name, and the other old subsections follow in their order.
+    """
     text = path.read_text() if path.exists() else "# spion_fx benchmarks\n"
     if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
         head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
+        old, tail = rest.split(END, 1)
+        section = merge_sections(old, section)
+        text = head + f"{BEGIN}\n{section}{END}" + tail
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
+        text = text.rstrip() + "\n\n" + f"{BEGIN}\n{section}{END}" + "\n"
     path.write_text(text)
+
+
+def merge_sections(old: str, new: str) -> str:
+    """`new`'s header and subsections, then `old`'s subsections that `new` does not have."""
+    new_head, new_parts = _subsections(new)
+    _, old_parts = _subsections(old)
+    fresh = {name for name, _ in new_parts}
+    kept = [(name, body) for name, body in old_parts if name not in fresh]
+    order = [name for name in MODULES]
+    parts = sorted([*new_parts, *kept], key=lambda p: order.index(p[0]) if p[0] in order else len(order))
+    return new_head + "".join(body for _, body in parts)
+
+
+def _subsections(section: str) -> tuple[str, list[tuple[str, str]]]:
+    """(text before the first ``### `` heading, [(name, text of that subsection)])."""
+    pieces = section.split("\n### ")
+    head, parts = pieces[0] + "\n", []
+    for piece in pieces[1:]:
+        name = piece.split("\n", 1)[0].strip()
+        parts.append((name, "### " + piece.rstrip("\n") + "\n\n"))
+    return head, parts
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -44,6 +44,9 @@ def _attention_row(site: Any) -> dict[str, Any]:
         "mass_kept": _mass_kept(site),
         "mass_kept_per_head": _mass_kept_per_head(site),
         "attention_flops_saved": saved,
+        # Host seconds the switch cost this site (deciding probes, stability check, pattern,
+        # first layout); nothing is re-compiled at a switch (lowering/partition.py).
+        "switch_s": site.switch_seconds if site.phase == "sparse" else None,
         "checks": int(site.stability[0]),
         "last_change": None if math.isnan(float(site.stability[2])) else float(site.stability[2]),
         "note": "" if ok else why,
@@ -86,6 +89,7 @@ COLUMNS: list[tuple[str, Any]] = [
     ("kind", lambda r: r["kind"]),
     ("phase / pattern", _phase_cell),
     ("switch step", lambda r: "" if r.get("switch_step") is None else str(r["switch_step"])),
+    ("switch s", lambda r: "" if r.get("switch_s") is None else f"{r['switch_s']:.2f}"),
     ("density", lambda r: _percent(r.get("density"))),
     ("mass kept", lambda r: _percent(r.get("mass_kept"))),
     ("saved", lambda r: _percent(r.get("attention_flops_saved"))),

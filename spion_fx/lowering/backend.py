@@ -2,9 +2,11 @@
 
 Dynamo hands us one GraphModule per graph. We detect sites, rewrite the selected ones into calls
 to runtime modules owned by a `SparsityState`, and return a runner that lowers the rewritten graph
-with the inner compiler once per *variant* (the state's variant key: phases, probe steps,
-train/eval) and caches every variant it built. Switching between variants that were already
-built costs a dict lookup; the step loop never re-lowers.
+with the inner compiler once per *variant* (the state's variant key: train/eval, grad mode, the
+linear sites' modes) and caches every variant it built. Attention sites are cut out of the
+compiled code and run eagerly between compiled parts (lowering/partition.py), so SPION's phases,
+probe steps and HSA windows never re-lower. Switching between variants that were already built
+costs a dict lookup; the step loop never re-lowers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from spion_fx.capture import map_placeholders, tensor_names
+from spion_fx.lowering.partition import split_at_sites
 from spion_fx.passes.attention_census import attention_like_ops, opaque_attention_calls
 from spion_fx.passes.expand_mha import expand_multi_head_attention
 from spion_fx.passes.rewrite import Rewritten, constant_value, rewrite_sites
@@ -246,6 +249,7 @@ class VariantRunner:
         self.compile = inner_compiler(inner)
         self.cache: dict[tuple, Callable[..., Any]] = {}
         self.shapes = []
+        self.attention_targets = [item.target for item in rewritten if isinstance(item.module, AttentionSiteModule)]
         for item in rewritten:
             if isinstance(item.module, AttentionSiteModule):
                 q = item.site.q.meta.get("example_value")
@@ -268,10 +272,13 @@ class VariantRunner:
     def _lower(self) -> Callable[..., Any]:
         for module, q_len, kv_len in self.shapes:
             module.ensure_probe_shape(q_len, kv_len)
-            module.prepare_layout(q_len, kv_len)
         # Inductor's passes may edit the graph in place: give each variant its own graph object
         # (submodules, i.e. the runtime state, stay shared).
         gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        if self.attention_targets:
+            # Attention sites run eagerly between compiled parts (lowering/partition.py), so
+            # their phase changes never reach the variant key and never re-lower.
+            return split_at_sites(gm, self.attention_targets, self.compile)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return self.compile(gm, self.example_inputs)

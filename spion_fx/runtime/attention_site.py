@@ -10,6 +10,7 @@ lowers each variant once and the step loop never re-lowers.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -79,6 +80,11 @@ class AttentionSiteModule(nn.Module):
         self._phase = PHASE_DENSE
         self._mask_code = probe_op.MASK_PADDING
         self._built_layouts: set[tuple[int, int]] = set()  # (nQB, nKB) held in layout buffers
+        # Host seconds spent because of the switch (report()'s "switch s"): the probes of the
+        # deciding check, the stability check, the pattern and the first layout build.
+        self.probe_seconds = 0.0
+        self.check_seconds = 0.0
+        self.switch_seconds: float | None = None
         self._warned_resize = False
 
     # ---- state -----------------------------------------------------------------------------
@@ -229,10 +235,12 @@ class AttentionSiteModule(nn.Module):
     def _probe(self, q, k, mask, scale):
         s = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(q.shape[-1])
         causal = self.spec.is_causal
+        start = time.perf_counter()
         torch.ops.spion.attention_probe(
             self.probe_accum, self.probe_stats, q.detach(), k.detach(),
             None if mask is None else mask.detach(), _MASK_KINDS[self.spec.mask_kind], s, causal,
         )
+        self.probe_seconds += time.perf_counter() - start
 
     def _hybrid_sparse(self, q, k, v, mask, scale):
         from spion_fx.kernels.attention.hsa import hybrid_sparse_attention
@@ -271,6 +279,7 @@ class AttentionSiteModule(nn.Module):
         nq, nk = -(-lq // bs), -(-lk // bs)
         key = (nq, nk)
         if key not in self._built_layouts:
+            start = time.perf_counter()
             pattern = self.pattern
             if pattern.shape[-2:] != (nq, nk):
                 pattern = self._resized(pattern, nq, nk)
@@ -278,6 +287,8 @@ class AttentionSiteModule(nn.Module):
             for field_name in self._LAYOUT_FIELDS:
                 self.register_buffer(f"layout_{nq}x{nk}_{field_name}", getattr(layout, field_name), persistent=False)
             self._built_layouts.add(key)
+            if self.switch_seconds is not None:
+                self.switch_seconds += time.perf_counter() - start
         names = [f"layout_{nq}x{nk}_{f}" for f in self._LAYOUT_FIELDS]
         return BlockLayout(*(getattr(self, n) for n in names), bs)
 

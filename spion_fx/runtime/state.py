@@ -10,6 +10,7 @@ caches it), so a phase change takes effect on the next forward without per-step 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +60,10 @@ class SparsityState(nn.Module):
         key = module_key(spec.name)
         if key not in self.attention:
             site = AttentionSiteModule(spec, self.policy.attention).to(self.step.device)
+            if self.policy.attention.enabled and self.step.device.type == "cpu":
+                from spion_fx.kernels.attention import native_cpu
+
+                native_cpu.preload()  # the switch must not wait for the kernel's build
             self.attention[key] = site
             self._restore_pending(f"attention.{key}.", site)
             site.train(self.training)
@@ -136,9 +141,10 @@ class SparsityState(nn.Module):
 
     # ---- variants ------------------------------------------------------------------------
     def variant_key(self) -> tuple:
-        sites = tuple(site.variant_key() for site in self.attention_sites())
+        """What the compiled code depends on. Attention sites are not part of it: they run
+        eagerly between compiled parts, so their phase changes need no re-lowering."""
         linear = self.linear.variant_key() if self.linear is not None else ()
-        return (self.training, torch.is_grad_enabled(), sites, linear, self.version)
+        return (self.training, torch.is_grad_enabled(), linear, self.version)
 
     # ---- the step loop -------------------------------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -229,6 +235,14 @@ class SparsityState(nn.Module):
 
     def _check_stability(self, site: AttentionSiteModule) -> bool:
         """SPION's rule: the Frobenius distance between consecutive maps changes by < tolerance."""
+        start = time.perf_counter()
+        try:
+            return self._check_stability_of(site)
+        finally:
+            site.check_seconds = site.probe_seconds + time.perf_counter() - start
+            site.probe_seconds = 0.0
+
+    def _check_stability_of(self, site: AttentionSiteModule) -> bool:
         count = float(site.probe_stats[0])
         if float(site.probe_stats[1]) > 0:
             warnings.warn(
@@ -260,6 +274,7 @@ class SparsityState(nn.Module):
         from spion_fx.runtime.coverage import mass_kept
         from spion_fx.runtime.pattern import generate_pattern
 
+        start = time.perf_counter()
         att = self.policy.attention
         attention_map = site.previous_map
         if attention_map.numel() == 0:
@@ -275,7 +290,7 @@ class SparsityState(nn.Module):
         site.set_pattern(pattern.unsqueeze(0) if pattern.dim() == 2 else pattern, q_len, kv_len, step)
         kept, kept_per_head = mass_kept(attention_map, pattern, att.block_size)
         site.record_mass_kept(kept, kept_per_head if attention_map.dim() == 3 else kept_per_head[:0])
-        self.version += 1
+        site.switch_seconds = site.check_seconds + time.perf_counter() - start
         density = float(pattern.float().mean())
         self.events.append({
             "event": "switch", "site": site.spec.name, "step": step, "density": density,

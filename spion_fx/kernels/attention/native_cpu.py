@@ -163,6 +163,19 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def preload() -> None:
+    """Build or load the kernel in a background thread, once per process.
+
+    Loading runs the compiler's probes and, the first time on a machine, the build itself
+    (seconds); a model that will switch to sparse attention later starts this when it is
+    sparsified, so the switch step does not wait for it. ``library()`` takes the same lock.
+    """
+    if "lib" in _state or _state.get("preloading"):
+        return
+    _state["preloading"] = True
+    threading.Thread(target=library, name="spion_fx-native-kernel", daemon=True).start()
+
+
 @contextlib.contextmanager
 def use_kernel(name: str) -> Iterator[None]:
     """Run the enclosed calls on one CPU kernel, "native" or "grouped" (sets

@@ -3,7 +3,8 @@
 A_s is the post-softmax attention averaged over batch and heads (SPION's stability signal). The
 op is opaque to the compiler and mutates two accumulator buffers in place, so it survives
 dead-code elimination and costs nothing in steps that are not probed (those run a graph variant
-without it). It materialises one (batch, head) L×L score matrix at a time, never B·H of them.
+without it). It materialises a chunk of query rows at a time (about 16 MB of scores over all (batch, head)
+pairs), never B·H full L×L matrices; causal rows skip the keys right of the diagonal.
 
 It also classifies the mask it sees, because the sparse kernel only understands a causal flag and
 a key-padding vector: code 0 = no mask or padding only, 1 = causal (+ padding), 2 = anything else
@@ -43,31 +44,31 @@ def attention_probe(
         visible, binary = visibility(mask, mask_kind, q.shape[0])
         b, h, lq, _ = q.shape
         lk, hk = k.shape[-2], k.shape[1]
-        group = h // hk
         per_head = accum.dim() == 3  # [H, Lq, Lk]: one map per head (per-head patterns)
         total = torch.zeros(h if per_head else 1, lq, lk, dtype=torch.float32, device=q.device)
-        # Masks become one additive bias per (batch, head) so each map costs a matmul, an
-        # in-place add and a softmax; scale is folded into q (D-sized, not L²-sized).
-        causal_bias = None
-        if causal:
-            causal_bias = torch.full((lq, lk), float("-inf"), device=q.device).triu_(1)
-        for bi in range(b):
-            for hi in range(h):
-                scores = (q[bi, hi].float() * scale) @ k[bi, hi // group].float().T
-                rows_may_be_empty = False
-                if visible is not None:
-                    vis = visible[bi, hi if visible.shape[1] > 1 else 0]
-                    if mask_kind == MASK_KIND_ADDITIVE and not binary:
-                        bias = mask[bi if mask.shape[0] > 1 else 0, hi if mask.shape[1] > 1 else 0]
-                        scores.add_(bias.float())
-                    scores.masked_fill_(~vis, float("-inf"))
-                    rows_may_be_empty = True
-                if causal_bias is not None:
-                    scores.add_(causal_bias)  # every causal row keeps its diagonal: never empty
-                probs = torch.softmax(scores, dim=-1)
-                if rows_may_be_empty:
-                    probs.nan_to_num_(0.0)
-                total[hi if per_head else 0].add_(probs)
+        keys = k.float().repeat_interleave(h // hk, dim=1) if hk != h else k.float()
+        bias = mask if mask_kind == MASK_KIND_ADDITIVE and not binary else None
+        rows = _rows_per_chunk(b * h, lk)
+        for r0 in range(0, lq, rows):
+            r1 = min(lq, r0 + rows)
+            # Causal rows never see keys right of the diagonal: their scores are not computed
+            # at all, which halves the work of a causal probe.
+            end = min(lk, r1) if causal else lk
+            # Scale folded into q (D-sized, not L²-sized); all (batch, head) pairs in one bmm.
+            scores = (q[:, :, r0:r1].float() * scale) @ keys[:, :, :end].transpose(-1, -2)
+            rows_may_be_empty = False
+            if visible is not None:
+                if bias is not None:
+                    scores.add_(bias[..., r0:r1, :end].float())
+                scores.masked_fill_(~visible[..., r0:r1, :end], float("-inf"))
+                rows_may_be_empty = True
+            if causal and end > r0:
+                diagonal = torch.ones(r1 - r0, end - r0, dtype=torch.bool, device=q.device).triu_(1)
+                scores[..., r0:end].masked_fill_(diagonal, float("-inf"))  # the diagonal stays
+            probs = torch.softmax(scores, dim=-1)
+            if rows_may_be_empty:
+                probs.nan_to_num_(0.0)
+            total[:, r0:r1, :end] += probs.sum(0) if per_head else probs.sum((0, 1))
         total /= b if per_head else b * h
         if not per_head:
             total = total[0]
@@ -83,6 +84,12 @@ def attention_probe(
 @attention_probe.register_fake
 def _(accum, stats, q, k, mask, mask_kind, scale, causal) -> None:
     return None
+
+
+def _rows_per_chunk(maps: int, keys: int, budget: int = 1 << 22) -> int:
+    """Query rows per chunk: all (batch, head) maps of a chunk stay within ~16 MB of float32,
+    so the scores of one chunk are computed, soft-maxed and summed while still in cache."""
+    return max(16, budget // max(1, maps * keys))
 
 
 def visible_keys(mask: torch.Tensor, mask_kind: int) -> torch.Tensor:
