@@ -23,7 +23,9 @@ from torch import nn
 import spion_fx
 from spion_fx.capture import capture
 from spion_fx.passes.detect import detect_sites
-from spion_fx.passes.expand_mha import expand_multi_head_attention, mha_fast_paths_off
+from spion_fx.passes.expand_mha import expand_multi_head_attention
+from spion_fx.policy import Policy
+from spion_fx.runtime.state import SparsityState
 
 E, HEADS, L, S, B = 16, 4, 8, 6, 2
 
@@ -309,21 +311,79 @@ def test_no_warning_with_sites_or_dense_policy():
     assert _warnings_of(dense, *_inputs()) == []
 
 
-def test_bare_backend_names_the_fused_encoder_layer():
-    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).eval()
-    compiled = torch.compile(layer, backend="spion", options={"policy": "spion-cf", "inner": "eager"})
-    x = torch.randn(B, L, E)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled(x)
-    messages = [str(w.message) for w in caught if "no attention site" in str(w.message)]
-    assert len(messages) == 1 and "_transformer_encoder_layer_fwd" in messages[0]
-    # with the fast path off (what sparsify does) the same layer has its site
-    torch._dynamo.reset()
-    with torch.no_grad(), mha_fast_paths_off():
-        graph = capture(layer, (x,)).graphs[0]
+@pytest.mark.parametrize("masks", ["none", "padding", "causal", "both"])
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_fused_encoder_layer_is_expanded_exactly(masks, norm_first, activation):
+    # eval under no_grad with the fast path on: Dynamo captures torch._transformer_encoder_layer_fwd
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True, norm_first=norm_first,
+                                       activation=activation).double().eval()
+    x, _, _ = _inputs(batch_first=True)
+    kwargs = {"src_key_padding_mask": _padding() if masks in ("padding", "both") else None,
+              "src_mask": CAUSAL if masks in ("causal", "both") else None}
+    graph = capture(layer, (x,), kwargs).graphs[0]
+    gm = graph.graph_module
+    assert any(n.target is torch._transformer_encoder_layer_fwd for n in gm.graph.nodes)
+    (expansion,) = expand_multi_head_attention(gm)
+    assert expansion.expanded and expansion.name == "self_attn" and expansion.dense_reason is None
+    assert not any(n.target is torch._transformer_encoder_layer_fwd for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*graph.example_inputs)[0], layer(x, **kwargs), rtol=1e-10, atol=1e-10)
+    attention, linear = detect_sites(graph)
+    assert_sites_exact(gm, graph.example_inputs, attention)
+    (site,) = attention
+    assert site.name == "self_attn" and site.mask_kind == ("none" if masks == "none" else "additive")
+    assert {s.name for s in linear} == {"self_attn", "self_attn.out_proj", "linear1", "linear2"}
+
+
+def test_fused_encoder_layer_masks_are_boolean_whatever_their_dtype():
+    # the fused op masks every nonzero entry of a float mask (not additive): so must its expansion
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).double().eval()
+    x, _, _ = _inputs(batch_first=True)
+    mask = torch.zeros(B, HEADS, L, L, dtype=torch.float64).masked_fill(CAUSAL, 5.0)
+    fused = Fused(layer)
+    graph = capture(fused, (x, mask)).graphs[0]
     expand_multi_head_attention(graph.graph_module)
-    assert len(detect_sites(graph)[0]) == 1
+    with torch.no_grad():
+        want = fused(x, mask)
+        additive = layer(x, src_mask=mask.masked_fill(mask != 0, float("-inf")).view(B * HEADS, L, L))
+        torch.testing.assert_close(graph.graph_module(*graph.example_inputs)[0], want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(want, additive, rtol=1e-10, atol=1e-10)
+
+
+class Fused(nn.Module):
+    """Calls the fused op directly with a float mask of type 2 (what merge_masks hands it)."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, mask):
+        layer, attn = self.layer, self.layer.self_attn
+        return torch._transformer_encoder_layer_fwd(
+            x, E, HEADS, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+            False, layer.norm_first, layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+            layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+            mask, 2)
+
+
+def test_bare_backend_finds_the_fused_layer_and_names_what_stays_opaque():
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).eval()
+    state = SparsityState(Policy.coerce("spion-cf"))
+    options = {"inner": "eager", "state": state}
+    x = torch.randn(B, L, E)
+    with torch.no_grad():
+        torch.compile(layer, backend="spion", options=options)(x)  # fused eval path, expanded
+    assert [s.spec.name for s in state.attention_sites()] == ["self_attn"]
+    # dynamic shapes keep nn.MultiheadAttention opaque: the warning names it and why
+    torch._dynamo.reset()
+    module = Attn(True, {"need_weights": False}).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh = {"inner": "eager", "state": SparsityState(Policy.coerce("spion-cf"))}  # warns once per state
+        torch.compile(module, backend="spion", dynamic=True, options=fresh)(*_inputs())
+    (message,) = [str(w.message) for w in caught if "no attention site" in str(w.message)]
+    assert "F.multi_head_attention_forward" in message and "kept opaque" in message
+
 
 
 class EinsumAttention(nn.Module):

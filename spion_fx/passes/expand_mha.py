@@ -26,7 +26,9 @@ The eval-mode fast paths (`torch._native_multi_head_attention`, which Dynamo nev
 MHA sees it is being traced — and `torch._transformer_encoder_layer_fwd`, which it does capture
 in eval under no_grad) are fused kernels; `spion_fx.sparsify` runs its compiled call under
 `mha_fast_paths_off` so Dynamo captures the path above. A bare torch.compile(backend="spion")
-cannot do that for the user: passes/attention_census.py names the fused op in the warning.
+cannot do that for the user, so the fused encoder layer is expanded too (`_expand_encoder_layer`:
+layer norms, the same self-attention, FFN, residuals — checked against the fused op, whose masks
+are boolean whatever their dtype: a nonzero float entry masks).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -98,15 +100,19 @@ class MHAExpansion:
 
 
 def expand_multi_head_attention(gm: fx.GraphModule) -> list[MHAExpansion]:
-    """Replace every expandable F.multi_head_attention_forward call of `gm` in place."""
+    """Replace every expandable F.multi_head_attention_forward and fused encoder-layer call of
+    `gm` in place."""
     done = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
+        expander = _expander_for(node)
+        if expander is None:
             continue
-        name = owning_module(node) or ""
-        result = _expand(gm, node)
+        name, what = owning_module(node) or "", "nn.MultiheadAttention"
+        if expander is _expand_encoder_layer:
+            name, what = f"{name}.self_attn".lstrip("."), "torch._transformer_encoder_layer_fwd"
+        result = expander(gm, node)
         if isinstance(result, str):
-            done.append(MHAExpansion(name, False, f"dense: nn.MultiheadAttention kept opaque ({result})"))
+            done.append(MHAExpansion(name, False, f"dense: {what} kept opaque ({result})"))
         elif result.return_weights:
             done.append(MHAExpansion(name, True, "dense: need_weights=True and the attention weights "
                                      "are used (they are the full softmax; call it with need_weights=False to sparsify it)"))
@@ -124,8 +130,11 @@ def mha_fast_paths_off() -> Iterator[None]:
     """Run with `torch.backends.mha` fast paths disabled (Dynamo guards on the flag).
 
     In eval mode under no_grad, nn.TransformerEncoderLayer calls the fused
-    torch._transformer_encoder_layer_fwd, which no pass can look into; with the fast path off it
-    runs (and Dynamo captures) the ordinary path through F.multi_head_attention_forward.
+    torch._transformer_encoder_layer_fwd (and nn.TransformerEncoder may build nested tensors);
+    with the fast path off, eval captures the same ordinary path as training, so one site
+    reading serves both. The one difference from an unsparsified model in eval: the fused op reads
+    a float mask as boolean (nonzero = masked) where the ordinary path adds it — the same for
+    0/-inf masks, which is what nn.Transformer* builds from boolean masks.
     """
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -179,7 +188,10 @@ def _expand(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
         proxies = [fx.Proxy(n, tracer) if n is not None else None for n in tensors.values()]
         output, weights = explicit_multi_head_attention(config, *proxies)
     new_nodes = [n for n in graph.nodes if n not in before]
-    _annotate(new_nodes, node, tensors["out_proj_weight"], fake_mode)
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    out_proj = {tensors["out_proj_weight"]: _child(stack, "out_proj", nn.Linear)} if _owned_by(
+        stack, nn.MultiheadAttention) else None
+    _annotate(new_nodes, node, stack, fake_mode, out_proj)
     for user in list(node.users):
         result = output if user.args[1] == 0 else weights
         if result is not None:  # None: weights without need_weights, unused (checked above)
@@ -234,28 +246,34 @@ def _fake(node: Any) -> Any:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _annotate(nodes: list[fx.Node], original: fx.Node, out_proj_weight: fx.Node, fake_mode: Any) -> None:
+def _annotate(nodes: list[fx.Node], original: fx.Node, stack: dict, fake_mode: Any,
+              linear_stacks: dict[fx.Node, dict] | None = None) -> None:
     """Give the new nodes what Dynamo's nodes carry: example values and the module stack.
 
-    The out-projection's linear is attributed to the `out_proj` submodule, so its linear site
-    is named like the module that owns the weight.
+    `linear_stacks` attributes a linear (by its weight) to the submodule owning the weight
+    (out_proj, linear1…), so its linear site is named like that module.
     """
-    stack = dict(original.meta.get("nn_module_stack") or {})
-    out_proj_stack = None
-    if stack:
-        key, (path, module_type) = list(stack.items())[-1]
-        if isinstance(module_type, type) and issubclass(module_type, nn.MultiheadAttention):
-            out_proj_stack = {**stack, f"{key}_out_proj": (f"{path}.out_proj", nn.Linear)}
     for node in nodes:
         for meta_key in ("stack_trace", "source_fn_stack"):
             if meta_key in original.meta:
                 node.meta[meta_key] = original.meta[meta_key]
         node.meta["nn_module_stack"] = stack
+        if node.target is F.linear and linear_stacks and node.args[1] in linear_stacks:
+            node.meta["nn_module_stack"] = linear_stacks[node.args[1]]
         node.meta["example_value"] = _run_fake(node, fake_mode)
-    if out_proj_stack is not None:
-        for node in nodes:
-            if node.target is F.linear and node.args[1] is out_proj_weight:
-                node.meta["nn_module_stack"] = out_proj_stack
+
+
+def _child(stack: dict, name: str, module_type: type) -> dict:
+    """`stack` with the submodule `name` of its last module appended."""
+    if not stack:
+        return stack
+    key, (path, _) = list(stack.items())[-1]
+    return {**stack, f"{key}_{name}": (f"{path}.{name}", module_type)}
+
+
+def _owned_by(stack: dict, module_type: type) -> bool:
+    last = list(stack.values())[-1][1] if stack else None
+    return isinstance(last, type) and issubclass(last, module_type)
 
 
 def _run_fake(node: fx.Node, fake_mode: Any) -> Any:
@@ -405,3 +423,124 @@ def _in_projection_packed(c: MHAConfig, q, k, v, w, b):
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
     return F.linear(q, w_q, b_q), F.linear(k, w_k, b_k), F.linear(v, w_v, b_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.TransformerEncoderLayer's fused eval path (torch._transformer_encoder_layer_fwd)
+
+_ENCODER_LAYER_PARAMS = (
+    "src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "use_gelu",
+    "norm_first", "eps", "norm_weight_1", "norm_bias_1", "norm_weight_2", "norm_bias_2",
+    "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type",
+)
+_ENCODER_LAYER_TENSORS = ("src", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm_weight_1", "norm_bias_1",
+                          "norm_weight_2", "norm_bias_2", "ffn_weight_1", "ffn_bias_1", "ffn_weight_2",
+                          "ffn_bias_2", "mask")
+_ENCODER_LAYER_TARGETS = (torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default)
+
+
+def _expand_encoder_layer(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
+    """Replace one fused encoder-layer call with its ops; the config of its self-attention."""
+    if len(node.args) > len(_ENCODER_LAYER_PARAMS):
+        return "unexpected arguments"
+    params: dict[str, Any] = {"mask": None, "mask_type": None, **dict(zip(_ENCODER_LAYER_PARAMS, node.args)),
+                              **node.kwargs}
+    if set(params) != set(_ENCODER_LAYER_PARAMS):
+        return "unexpected arguments"
+    if not (isinstance(params["embed_dim"], int) and isinstance(params["num_heads"], int)
+            and isinstance(params["use_gelu"], bool) and isinstance(params["norm_first"], bool)
+            and isinstance(params["eps"], float) and params["mask_type"] in (None, 0, 1, 2)):
+        return "a configuration argument is not a constant"
+    tensors = {key: params[key] for key in _ENCODER_LAYER_TENSORS}
+    values = {key: _fake(n) for key, n in tensors.items() if n is not None}
+    if len(values) != sum(n is not None for n in tensors.values()) or values["src"].dim() != 3:
+        return "a tensor argument has no example value, or src is not [B, L, E]"
+    if any(not all(isinstance(d, int) for d in v.shape) for v in values.values()):
+        return "dynamic shapes"
+    bsz, length, embed_dim = values["src"].shape
+    heads, mask_type, mask = params["num_heads"], params["mask_type"], values.get("mask")
+    if embed_dim != params["embed_dim"] or embed_dim % heads:
+        return "embed_dim does not match num_heads"
+    expected = {0: (length, length), 1: (bsz, length), 2: (bsz, heads, length, length)}
+    if mask is not None and (mask_type is None or tuple(mask.shape) != expected[mask_type]):
+        return "a mask whose shape does not match its mask_type"
+    modes = {id(v.fake_mode): v.fake_mode for v in values.values() if hasattr(v, "fake_mode")}
+    if len(modes) > 1:
+        return "example values from several fake modes"
+    fake_mode = next(iter(modes.values()), None)
+    config = MHAConfig(
+        num_heads=heads, add_zero_attn=False, dropout_p=0.0, training=False, need_weights=False,
+        return_weights=False, use_separate_proj_weight=False, average_attn_weights=True, is_causal=False,
+        batched=True, tgt_len=length, bsz=bsz, embed_dim=embed_dim, src_len=length, self_attention=True,
+        key_is_value=True, mask_dtype=values["src"].dtype, bool_attn_mask=False, bool_key_padding_mask=False,
+        attn_mask_dim=3 if mask_type == 2 else 2,
+    )
+    layer_stack = dict(node.meta.get("nn_module_stack") or {})
+    attn_stack = _child(layer_stack, "self_attn", nn.MultiheadAttention)
+    linear_stacks = {tensors["proj_weight"]: _child(attn_stack, "out_proj", nn.Linear),
+                     tensors["ffn_weight_1"]: _child(layer_stack, "linear1", nn.Linear),
+                     tensors["ffn_weight_2"]: _child(layer_stack, "linear2", nn.Linear)}
+    graph = gm.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    t = {key: fx.Proxy(n, tracer) if n is not None else None for key, n in tensors.items()}
+    eps, norm = params["eps"], (embed_dim,)
+
+    def emitted(stack: dict, emit: Callable[[], Any]) -> Any:
+        before = set(graph.nodes)
+        with graph.inserting_before(node):
+            result = emit()
+        _annotate([n for n in graph.nodes if n not in before], node, stack, fake_mode, linear_stacks)
+        return result
+
+    def attention() -> Any:
+        x = t["src"]
+        if params["norm_first"]:
+            x = F.layer_norm(x, norm, t["norm_weight_1"], t["norm_bias_1"], eps)
+        x = x.transpose(0, 1)  # the batch_first transpose of nn.MultiheadAttention
+        # The fused op reads every mask as boolean (nonzero = masked), whatever its dtype.
+        masked = None if t["mask"] is None else t["mask"] if mask.dtype == torch.bool else t["mask"] != 0
+        additive = None if masked is None else _additive(masked, config.mask_dtype)
+        kpm = additive if mask_type == 1 else None
+        attn_mask = None
+        if mask_type == 0:
+            attn_mask = additive
+        elif mask_type == 2:
+            attn_mask = additive.reshape(bsz * heads, length, length)
+        out, _ = explicit_multi_head_attention(
+            config, x, x, x, t["qkv_weight"], t["qkv_bias"], None, None, t["proj_weight"], t["proj_bias"],
+            kpm, attn_mask, None, None, None, None, None)
+        return out.transpose(0, 1)
+
+    def feed_forward(attended: Any) -> Any:
+        x = attended + t["src"]
+        if not params["norm_first"]:
+            x = F.layer_norm(x, norm, t["norm_weight_1"], t["norm_bias_1"], eps)
+        residual = x
+        if params["norm_first"]:
+            x = F.layer_norm(x, norm, t["norm_weight_2"], t["norm_bias_2"], eps)
+        hidden = F.linear(x, t["ffn_weight_1"], t["ffn_bias_1"])
+        hidden = F.gelu(hidden) if params["use_gelu"] else F.relu(hidden)
+        x = F.linear(hidden, t["ffn_weight_2"], t["ffn_bias_2"]) + residual
+        if not params["norm_first"]:
+            x = F.layer_norm(x, norm, t["norm_weight_2"], t["norm_bias_2"], eps)
+        return x
+
+    attended = emitted(attn_stack, attention)
+    output = emitted(layer_stack, lambda: feed_forward(attended))
+    node.replace_all_uses_with(output.node)
+    return config
+
+
+_EXPANDERS: dict[Any, Callable[[fx.GraphModule, fx.Node], MHAConfig | str]] = {
+    F.multi_head_attention_forward: _expand,
+    **{target: _expand_encoder_layer for target in _ENCODER_LAYER_TARGETS},
+}
+
+
+def _expander_for(node: fx.Node) -> Callable[[fx.GraphModule, fx.Node], MHAConfig | str] | None:
+    if node.op != "call_function":
+        return None
+    try:
+        return _EXPANDERS.get(node.target)
+    except TypeError:  # unhashable target
+        return None
