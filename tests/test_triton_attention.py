@@ -444,24 +444,37 @@ def test_large_seed_matches_keep_mask():
 
 def test_tile_table_rules():
     bf16 = torch.bfloat16
-    # Enough programs: the table's tiles (FlexAttention's sm90 defaults for 16-bit).
-    big = ta._TILE_TABLE[("fwd", 64, True)]
-    assert ta.tile_config("fwd", 64, bf16, 128, programs=1024, sm_count=132) == big \
-        or ta.INTERPRET
-    if ta.INTERPRET:
-        assert ta.tile_config("fwd", 64, bf16, 128, 1024, 132) == ta._INTERPRET_TILES
-        return
+    tiles = ta.table_tiles
+    # Enough programs: the table's tiles.
+    assert tiles("fwd", 64, bf16, 128, programs=1024, sm_count=132) \
+        == ta._TILE_TABLE[("fwd", 64, True)]
     # Short sequence: 256 programs < 2 per SM -> 64-row query tiles within the 128 block.
-    small = ta.tile_config("fwd", 64, bf16, 128, programs=256, sm_count=132)
+    small = tiles("fwd", 64, bf16, 128, programs=256, sm_count=132)
     assert (small.block_m, small.block_n, small.num_warps) == (64, 128, 4)
     # dK/dV splits its kv tile instead.
-    dkdv = ta.tile_config("dkdv", 128, bf16, 128, programs=256, sm_count=132)
+    dkdv = tiles("dkdv", 128, bf16, 128, programs=256, sm_count=132)
     assert dkdv.block_n == 64 and dkdv.block_m == ta._TILE_TABLE[("dkdv", 128, True)].block_m
     # Pattern block 64 clamps both tiles; D=256 and fp32 use their own entries.
-    clamped = ta.tile_config("fwd", 64, bf16, 64, programs=10**6, sm_count=132)
-    assert clamped.block_m == 64 and clamped.block_n == 64
-    assert ta.tile_config("fwd", 200, bf16, 128, 10**6, 132).block_m == 64
-    assert ta.tile_config("fwd", 64, torch.float32, 16, 10**6, 132).block_n == 16
+    clamped = tiles("fwd", 64, bf16, 64, programs=10**6, sm_count=132)
+    assert (clamped.block_m, clamped.block_n, clamped.num_warps) == (64, 64, 4)
+    assert tiles("fwd", 200, bf16, 128, 10**6, 132) == ta._TILE_TABLE[("fwd", 256, True)]
+    assert tiles("fwd", 64, torch.float32, 16, 10**6, 132).block_n == 16
+    # Dropout narrows the tiles that would spill; small pattern blocks get one warpgroup.
+    assert tiles("fwd", 64, bf16, 128, 10**6, 132, dropout=True) == ta._DROPOUT_TILES[("fwd", 64)]
+    assert tiles("dq", 64, bf16, 128, 10**6, 132, dropout=True) == ta._TILE_TABLE[("dq", 64, True)]
+    assert tiles("dkdv", 128, bf16, 32, 10**6, 132).num_warps == 4
+    # Every table entry fits every supported pattern block at every grid size.
+    for (kernel, dim, sixteen) in ta._TILE_TABLE:
+        dtype = bf16 if sixteen else torch.float32
+        for block in ta.SUPPORTED_PATTERN_BLOCKS:
+            for programs in (1, 10**6):
+                for dropout in (False, True):
+                    t = tiles(kernel, dim, dtype, block, programs, 132, dropout)
+                    assert block % t.block_m == 0 and block % t.block_n == 0
+                    assert t.block_m >= 16 and t.block_n >= 16 and t.num_warps in (4, 8)
+    # The launchers use the table on a GPU, the interpreter's fixed tile under it.
+    expected = ta._INTERPRET_TILES if ta.INTERPRET else tiles("fwd", 64, bf16, 128, 1024, 132)
+    assert ta.tile_config("fwd", 64, bf16, 128, 1024, 132) == expected
 
 
 def test_tile_config_rejects_unknown_kernel():

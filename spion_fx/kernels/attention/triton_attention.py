@@ -66,8 +66,10 @@ SUPPORTED_PATTERN_BLOCKS = (16, 32, 64, 128)
 MAX_HEAD_DIM = 256
 
 # Width of the vector loads that count a layout row's entries below a limit; a constant, so the
-# longest row of a pattern never becomes a compile-time parameter.
+# longest row of a pattern never becomes a compile-time parameter. (Compiled kernels may read a
+# global only as a tl.constexpr; the interpreter would accept the plain int.)
 ROW_CHUNK = 32
+_ROW_CHUNK = tl.constexpr(ROW_CHUNK)
 
 # Seeds are split into two non-negative int32 halves so that every seed launches the same
 # specialisation (Triton types and specialises integer arguments by value).
@@ -276,7 +278,7 @@ def _fwd_kernel(
         if IS_CAUSAL:
             full_limit = tl.minimum(full_limit, qb)
             end_limit = tl.minimum(end_limit, qb + 1)
-        n_full, n_end = _row_counts(idx_row, n_blocks, full_limit, end_limit, ROW_CHUNK)
+        n_full, n_end = _row_counts(idx_row, n_blocks, full_limit, end_limit, _ROW_CHUNK)
     else:  # non-causal and Lk a multiple of the block: every listed block is full
         n_full = n_blocks
         n_end = n_blocks
@@ -447,7 +449,7 @@ def _bwd_dkdv_kernel(
         if IS_CAUSAL:
             # q blocks above the diagonal see nothing of this kv block (skip), the diagonal block
             # needs the causal mask, blocks below it none.
-            lo, mid = _row_counts(idx_row, n_blocks, kb, kb + 1, ROW_CHUNK)
+            lo, mid = _row_counts(idx_row, n_blocks, kb, kb + 1, _ROW_CHUNK)
         else:
             lo = 0
             mid = 0
@@ -597,7 +599,7 @@ def _bwd_dq_kernel(
         if IS_CAUSAL:
             full_limit = tl.minimum(full_limit, qb)
             end_limit = tl.minimum(end_limit, qb + 1)
-        n_full, n_end = _row_counts(idx_row, n_blocks, full_limit, end_limit, ROW_CHUNK)
+        n_full, n_end = _row_counts(idx_row, n_blocks, full_limit, end_limit, _ROW_CHUNK)
     else:
         n_full = n_blocks
         n_end = n_blocks
@@ -675,37 +677,44 @@ class TileConfig:
     num_stages: int
 
 
-# (kernel, head-dim bucket, 16-bit dtype?) -> tiles for a 128 pattern block; smaller pattern
-# blocks clamp the tiles to the block (a tile never spans two blocks). 16-bit entries follow
-# PyTorch's FlexAttention defaults for sm90 (torch/_inductor/template_heuristics/triton.py),
-# the kernel we are compared with, so both sides get tiles sized for Hopper's wgmma: forward
-# 128x128 / 4 warps at D=64 and 128x64 / 8 warps at D=128; backward 64-query x 128-kv tiles for
-# dK/dV and 128-query x 64-kv for dQ (the Triton tutorial's split). fp32 (TF32) and D=256 keep
-# smaller tiles: their operands are twice as large and 128-wide fp32 accumulators spill.
+# (kernel, head-dim bucket, 16-bit dtype?) -> tiles for a 128 pattern block and a grid that
+# fills the GPU. Chosen on sm_90 by compiling every entry ahead of time (Triton to cubin, no GPU
+# needed) and keeping the largest tiles that ptxas fits in registers without spilling, starting
+# from the Triton tutorial's split (dK/dV: small query tiles streamed past a resident 128-row
+# kv tile; dQ the reverse) and FlexAttention's sm90 defaults. 128x128 forward tiles need 8 warps
+# (with 4 they spill); fp32 operands (TF32 dots) are twice as wide, so fp32 keeps small tiles.
+# Speed on a GPU is not yet measured: benchmarks/gpu_suite.py is where these get judged.
 _TILE_TABLE: dict[tuple[str, int, bool], TileConfig] = {
-    ("fwd", 64, True): TileConfig(128, 128, 4, 3),
+    ("fwd", 64, True): TileConfig(128, 128, 8, 3),
     ("fwd", 128, True): TileConfig(128, 64, 8, 3),
     ("fwd", 256, True): TileConfig(64, 32, 4, 3),
-    ("fwd", 64, False): TileConfig(128, 32, 4, 3),
-    ("fwd", 128, False): TileConfig(64, 32, 4, 3),
-    ("fwd", 256, False): TileConfig(32, 32, 4, 3),
-    ("dkdv", 64, True): TileConfig(64, 128, 8, 3),
-    ("dkdv", 128, True): TileConfig(64, 128, 8, 3),
-    ("dkdv", 256, True): TileConfig(32, 64, 4, 2),
-    ("dkdv", 64, False): TileConfig(32, 64, 4, 3),
-    ("dkdv", 128, False): TileConfig(32, 64, 4, 2),
-    ("dkdv", 256, False): TileConfig(16, 32, 4, 2),
     ("dq", 64, True): TileConfig(128, 64, 8, 3),
     ("dq", 128, True): TileConfig(128, 64, 8, 3),
-    ("dq", 256, True): TileConfig(64, 32, 4, 2),
-    ("dq", 64, False): TileConfig(64, 32, 4, 3),
-    ("dq", 128, False): TileConfig(64, 32, 4, 2),
-    ("dq", 256, False): TileConfig(32, 16, 4, 2),
+    ("dq", 256, True): TileConfig(64, 32, 8, 2),
+    ("dkdv", 64, True): TileConfig(64, 128, 8, 3),
+    ("dkdv", 128, True): TileConfig(32, 128, 8, 3),
+    ("dkdv", 256, True): TileConfig(32, 32, 8, 2),
+    ("fwd", 64, False): TileConfig(64, 32, 8, 2),
+    ("fwd", 128, False): TileConfig(64, 32, 8, 2),
+    ("fwd", 256, False): TileConfig(32, 32, 8, 2),
+    ("dq", 64, False): TileConfig(64, 32, 8, 2),
+    ("dq", 128, False): TileConfig(64, 32, 8, 2),
+    ("dq", 256, False): TileConfig(32, 32, 8, 2),
+    ("dkdv", 64, False): TileConfig(32, 32, 8, 2),
+    ("dkdv", 128, False): TileConfig(16, 32, 8, 2),
+    ("dkdv", 256, False): TileConfig(16, 32, 8, 2),
+}
+# Attention dropout draws a Philox number per score in registers: the 16-bit tiles that would
+# spill with it are narrowed (128x128 forward with dropout spilled 4.7 KB a thread).
+_DROPOUT_TILES: dict[tuple[str, int], TileConfig] = {
+    ("fwd", 64): TileConfig(128, 64, 8, 3),
+    ("dkdv", 64): TileConfig(32, 128, 8, 3),
+    ("dkdv", 128): TileConfig(32, 64, 8, 3),
 }
 
 # A grid with fewer programs than this many per SM leaves SMs idle or runs one wave with a long
-# tail; the tile along the split dimension then halves (down to SMALL_GRID_TILE) to double the
-# programs. At B=1, H=16, L=2048, block 128 the forward has 256 programs for 132 SMs (H100/H200).
+# tail; 16-bit tiles along the split dimension then halve to 64 rows to double the programs. At
+# B=1, H=16, L=2048, block 128 the forward has 256 programs for 132 SMs (H100/H200).
 PROGRAMS_PER_SM = 2
 SMALL_GRID_TILE = 64
 
@@ -721,32 +730,46 @@ def _dim_bucket(head_dim: int) -> int:
 
 def tile_config(
     kernel: str, head_dim: int, dtype: torch.dtype, pattern_block: int, programs: int,
-    sm_count: int,
+    sm_count: int, dropout: bool = False,
 ) -> TileConfig:
-    """Tiles for ``kernel`` in {"fwd", "dq", "dkdv"}.
-
-    programs: the grid size at the table's tiles divided by the split dimension's tile in
-    units of 128 rows -- i.e. batch x heads x cdiv(L, 128) (kv heads and Lk for "dkdv").
-    Pure function of its arguments (tests call it without a GPU).
-    """
+    """Tiles the launchers use for ``kernel`` in {"fwd", "dq", "dkdv"}: forced tiles if any
+    (:func:`forced_tiles`), the interpreter's fixed tile, else :func:`table_tiles`."""
     if kernel not in ("fwd", "dq", "dkdv"):
         raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
     if kernel in _forced_tiles:
         return _forced_tiles[kernel]
     if INTERPRET:
         return _INTERPRET_TILES
-    cfg = _TILE_TABLE[(kernel, _dim_bucket(head_dim), dtype != torch.float32)]
+    return table_tiles(kernel, head_dim, dtype, pattern_block, programs, sm_count, dropout)
+
+
+def table_tiles(
+    kernel: str, head_dim: int, dtype: torch.dtype, pattern_block: int, programs: int,
+    sm_count: int, dropout: bool = False,
+) -> TileConfig:
+    """The compiled kernels' tiles: the table entry, adjusted to the pattern block and grid.
+
+    programs: batch x heads x cdiv(L, 128) (kv heads and Lk for "dkdv"), the grid at 128-row
+    tiles. A pure function of its arguments (tests call it without a GPU).
+    """
+    bucket, sixteen = _dim_bucket(head_dim), dtype != torch.float32
+    cfg = _TILE_TABLE[(kernel, bucket, sixteen)]
+    if dropout and sixteen:
+        cfg = _DROPOUT_TILES.get((kernel, bucket), cfg)
+    if pattern_block <= 32:
+        # Tiles as small as the block: little register pressure, one warpgroup.
+        return TileConfig(min(cfg.block_m, pattern_block), min(cfg.block_n, pattern_block), 4, 2)
     bm, bn = min(cfg.block_m, pattern_block), min(cfg.block_n, pattern_block)
     warps = cfg.num_warps
-    # The split dimension: query tiles for fwd/dq, kv tiles for dK/dV.
-    split = bn if kernel == "dkdv" else bm
-    if split > SMALL_GRID_TILE and programs * (128 // split) < PROGRAMS_PER_SM * sm_count:
+    split = bn if kernel == "dkdv" else bm  # query tiles for fwd/dq, kv tiles for dK/dV
+    if sixteen and split > SMALL_GRID_TILE and programs * (128 // split) < PROGRAMS_PER_SM * sm_count:
         split = SMALL_GRID_TILE
-        warps = 4  # one warpgroup per 64-row tile
         if kernel == "dkdv":
             bn = split
         else:
             bm = split
+    if kernel != "dkdv" and sixteen and bucket == 64 and bm <= 64:
+        warps = 4  # one warpgroup per 64-row query tile (wider heads need 8 warps' registers)
     return TileConfig(bm, bn, warps, cfg.num_stages)
 
 
@@ -1006,7 +1029,7 @@ def triton_block_sparse_fwd(
     seed_ptr, seed_lo, seed_hi, seed_in_memory = _seed_args(seed, dropout_p, q)
     n_allowed = _n_allowed(key_padding_mask, b, lq, lk, causal, q.device) if compat_spion else lse
     tiles = tile_config("fwd", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128),
-                        _device_sms(q.device))
+                        _device_sms(q.device), dropout_p > 0.0)
     args = (
         q, k, v, out, lse, kv_num, kv_idx, kpm, seed_ptr, n_allowed,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -1084,14 +1107,16 @@ def triton_block_sparse_bwd(
         UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
     )
     # dQ first: it also writes delta, which the dK/dV kernel reads.
-    dq_tiles = tile_config("dq", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128), sms)
+    dq_tiles = tile_config("dq", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128), sms,
+                           dropout_p > 0.0)
     _launch(_dq_launch, "dq", lq, (h, b), dq_tiles, (
         q, k, v, out, grad_out, dq, lse, delta, kv_num, kv_idx, kpm, seed_ptr,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
         *_layout_strides(kv_num, kv_idx), stride_kpmb,
         h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p), seed_lo, seed_hi,
     ), {**common, "EVEN_K": lk % block_size == 0})
-    dkdv_tiles = tile_config("dkdv", d, q.dtype, block_size, b * h_kv * triton.cdiv(lk, 128), sms)
+    dkdv_tiles = tile_config("dkdv", d, q.dtype, block_size, b * h_kv * triton.cdiv(lk, 128),
+                             sms, dropout_p > 0.0)
     _launch(_dkdv_launch, "dkdv", lk, (h_kv, b), dkdv_tiles, (
         q, k, v, grad_out, dk, dv, lse, delta, q_num, q_idx, kpm, seed_ptr,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
@@ -1127,6 +1152,7 @@ __all__ = [
     "TileConfig",
     "dropout_keep_mask",
     "forced_tiles",
+    "table_tiles",
     "tile_config",
     "triton_block_sparse_bwd",
     "triton_block_sparse_fwd",
