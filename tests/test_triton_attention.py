@@ -500,3 +500,28 @@ def test_device_seed_equals_host_seed():  # pragma: no cover - needs a GPU
     for x, y in zip(triton_block_sparse_bwd(g, q, k, v, a, lse, *base, host, False),
                     triton_block_sparse_bwd(g, q, k, v, a, lse, *base, host.cuda(), False)):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test compiles for real")
+def test_kernels_compile_for_sm90_without_spilling():
+    """The interpreter accepts code the compiler rejects (e.g. a plain-int global): compile the
+    causal + padding + dropout variant (every code path) for sm_90 ahead of time, as a launch
+    would, and check ptxas fits it in registers."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "triton_aot.py"), "--quick"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "spill_stack=" in line]
+    assert [line.split()[0] for line in lines] == ["fwd", "dq", "dkdv"], result.stdout
+    for line in lines:
+        assert int(re.search(r"spill_stack=(\d+)", line).group(1)) == 0, line
+        assert int(re.search(r"async_copies=(\d+)", line).group(1)) > 0, line  # pipelined
