@@ -218,3 +218,13 @@ def test_use_kernel_switches_and_restores(monkeypatch):
     with pytest.raises(ValueError, match="native' or 'grouped"):
         with native_cpu.use_kernel("fast"):
             pass
+
+
+def test_preload_loads_the_kernel_once_in_a_thread(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native_cpu, "_state", {})
+    monkeypatch.setattr(native_cpu, "_load", lambda: calls.append(1) or "lib")
+    native_cpu.preload()
+    native_cpu.preload()  # a second model: nothing more
+    assert native_cpu.library() == "lib"  # waits for the thread's load under the same lock
+    assert calls == [1]

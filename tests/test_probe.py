@@ -61,3 +61,32 @@ def test_per_head_accumulator():
     torch.ops.spion.attention_probe(accum, stats, q, k, None, P.MASK_KIND_NONE, 0.5, True)
     for h in range(3):
         torch.testing.assert_close(accum[h].double(), _want(q[:, h:h + 1], k[:, h:h + 1], 0.5, True), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["causal", "padding", "bias", "per_head", "cross"])
+def test_chunked_probe_equals_one_chunk(monkeypatch, case):
+    """Row chunks (16 rows here) give the same map as one chunk: causal chunks skip the keys
+    right of the diagonal, masks and biases are sliced per chunk, GQA keys are repeated."""
+    torch.manual_seed(1)
+    lq, lk = (70, 70) if case != "cross" else (70, 50)
+    q, k = torch.randn(2, 4, lq, 8), torch.randn(2, 2, lk, 8)
+    causal = case in ("causal", "per_head", "cross")
+    mask, kind = None, P.MASK_KIND_NONE
+    if case == "padding":
+        keep = torch.ones(2, 1, lq, lk, dtype=torch.bool)
+        keep[1, ..., -9:] = False
+        mask, kind = keep, P.MASK_KIND_BOOL_KEEP
+    elif case == "bias":
+        mask, kind = torch.randn(2, 4, lq, lk), P.MASK_KIND_ADDITIVE
+    shape = (4, lq, lk) if case == "per_head" else (lq, lk)
+
+    def probe():
+        accum, stats = torch.zeros(shape), torch.zeros(3, dtype=torch.float64)
+        torch.ops.spion.attention_probe(accum, stats, q, k, mask, kind, 0.4, causal)
+        return accum
+
+    whole = probe()
+    monkeypatch.setattr(P, "_rows_per_chunk", lambda maps, keys: 16)
+    torch.testing.assert_close(probe(), whole, atol=1e-6, rtol=1e-5)
+    if case == "causal":
+        torch.testing.assert_close(whole.double(), _want(q, k, 0.4, True), atol=1e-6, rtol=1e-5)
