@@ -217,8 +217,15 @@ def cpu_train_step(quick: bool) -> list[dict]:
     base = gpt2(n_embd, n_layer, 4, seq)
     ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(0))
     cpu_ms: dict[str, list[float]] = {}
-    samples = step_times(base, ids, reps=4 if quick else 12, cpu_ms=cpu_ms)
-    return step_rows(samples, cpu_ms, f"GPT-2 d{n_embd} {n_layer} layers, B=2 L={seq}, AdamW (eager inner)")
+    # One thread: on a small shared machine, OpenMP threads wait for each other whenever another
+    # process deschedules one of them, which swamps the differences measured here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples = step_times(base, ids, reps=4 if quick else 12, cpu_ms=cpu_ms)
+    finally:
+        torch.set_num_threads(threads)
+    return step_rows(samples, cpu_ms, f"GPT-2 d{n_embd} {n_layer} layers, B=2 L={seq}, AdamW (eager inner, 1 thread)")
 
 
 def run(quick: bool) -> list[dict]:
