@@ -13,6 +13,7 @@ from spion_fx.runtime.state import SparsityState
 
 def build_report(state: SparsityState) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [_attention_row(site) for site in state.attention_sites()]
+    rows += _attention_kept_dense(state, {row["site"] for row in rows})
     if state.linear is not None:
         for entry in state.linear.report():
             rows.append({"kind": "linear", **entry})
@@ -51,6 +52,27 @@ def _attention_row(site: Any) -> dict[str, Any]:
         "last_change": None if math.isnan(float(site.stability[2])) else float(site.stability[2]),
         "note": "" if ok else why,
     }
+
+
+def _attention_kept_dense(state: SparsityState, listed: set[str]) -> list[dict[str, Any]]:
+    """Attention the backend saw but gave no runtime module, with the reason: nn.MultiheadAttention
+    whose weights are used, a scale computed at run time, a site excluded by the policy, a graph
+    shared by several modules. It runs exactly as the original, dense."""
+    rows, seen = [], set(listed)
+    for record in state.graph_records:
+        attention = {site.name for site in record.attention_sites}
+        for name, decision in record.decisions.items():
+            is_attention = name in attention or name.endswith(" [attention]")
+            if not is_attention or name in seen or not decision.startswith(("dense", "excluded")):
+                continue
+            seen.add(name)
+            rows.append({
+                "site": name.removesuffix(" [attention]"), "kind": "attention", "phase": "dense",
+                "switch_step": None, "density": 1.0, "mass_kept": None, "mass_kept_per_head": None,
+                "attention_flops_saved": 0.0, "switch_s": None, "checks": 0, "last_change": None,
+                "note": decision.removeprefix("dense: "),
+            })
+    return rows
 
 
 def _mass_kept(site: Any) -> float | None:

@@ -287,6 +287,9 @@ def test_no_site_warns_once_naming_need_weights():
     assert "need_weights=True" in message and "attn" in message
     (record,) = model.spion_state.graph_records
     assert "need_weights=True" in record.decisions["attn [attention]"]
+    # report() lists the attention kept dense, with the reason
+    (row,) = [r for r in spion_fx.report(model, print_table=False) if r["kind"] == "attention"]
+    assert row["site"] == "attn" and row["phase"] == "dense" and "need_weights=True" in row["note"]
 
 
 def test_no_site_warns_naming_graph_breaks_and_softmax():
