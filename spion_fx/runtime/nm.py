@@ -19,7 +19,7 @@ def nm_mask(weight: Tensor, n: int, m: int, *, transposed: bool = False, kernel:
 
     ``weight`` is [out, in] (or [in, out] when ``transposed``); ``in`` must be a multiple of ``m``.
     Ties are broken by ``topk`` (deterministic for a given input), so every group keeps exactly n.
-    On CUDA (M a power of two) one Triton pass computes it instead — SR-STE recomputes masks every
+    On CUDA (M a power of two, ≤ 32) one Triton pass computes it instead — SR-STE recomputes masks every
     step by default, and abs + topk + scatter + copy there is several passes over every weight;
     its ties go to the earlier position. ``kernel="topk"`` forces the topk path (benchmarks).
     """
@@ -31,7 +31,8 @@ def nm_mask(weight: Tensor, n: int, m: int, *, transposed: bool = False, kernel:
     out_f, in_f = w.shape
     if in_f % m:
         raise ValueError(f"nm_mask: input size {in_f} is not a multiple of m={m}")
-    if kernel == "auto" and w.is_cuda and not triton_nm.interpreting() and triton_nm.supports(n, m) is None:
+    if (kernel == "auto" and w.is_cuda and m <= 32 and not triton_nm.interpreting()
+            and triton_nm.supports(n, m) is None):
         return triton_nm.nm_mask(weight, n, m, transposed=transposed)
     groups = w.abs().reshape(out_f, in_f // m, m)
     keep = groups.topk(n, dim=-1, sorted=False).indices

@@ -158,24 +158,22 @@ def _kernel(interpret: bool, name: str = "matmul"):
 def nm_mask(weight: Tensor, n: int, m: int, *, transposed: bool = False) -> Tensor:
     """The N:M mask of |W| in one pass (read W, write the mask): each program ranks a block of
     groups in registers. Same rule as ``runtime.nm.nm_mask`` (keep the n largest |w| of each group
-    of m consecutive inputs; ties go to the earlier position). M must be a power of two."""
+    of m consecutive inputs; ties go to the earlier position). M must be a power of two; the
+    pairwise ranking costs M² per group, so it suits the small M of N:M training (≤ 32)."""
     reason = supports(n, m)
     if reason:
         raise RuntimeError(f"triton N:M mask unavailable: {reason}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got {tuple(weight.shape)}")
-    w = weight.detach()
+    w = weight.detach().contiguous()
     mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
     rows, cols = w.shape
+    size_in = rows if transposed else cols
+    if size_in % m:
+        raise ValueError(f"input size {size_in} is not a multiple of m={m}")
     if not transposed:  # [out, in]: groups run along a row
-        if cols % m:
-            raise ValueError(f"input size {cols} is not a multiple of m={m}")
-        w = w.contiguous()
         n_groups, n_cols, stride_grow, stride_col, stride_j = rows * cols // m, 1, m, 0, 1
     else:  # [in, out]: groups run down a column
-        if rows % m:
-            raise ValueError(f"input size {rows} is not a multiple of m={m}")
-        w = w.contiguous()
         n_groups, n_cols, stride_grow, stride_col, stride_j = rows // m * cols, cols, m * cols, 1, cols
     block = max(1, min(256, 4096 // (m * m)))
     _kernel(interpreting(), "mask")[(-(-n_groups // block),)](
