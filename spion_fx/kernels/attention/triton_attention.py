@@ -858,10 +858,10 @@ def _launch(kernel, kind: str, grid_rows: int, others: tuple[int, int], tiles: T
     """Launch with the table's tiles, or let the autotuner pick (grid from its choice)."""
     if AUTOTUNE:  # pragma: no cover - needs a GPU
         split = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-        kernel[lambda meta: (triton.cdiv(grid_rows, meta[split]), *others)](*args, **constexprs)
+        kernel[lambda meta: (_cdiv(grid_rows, meta[split]), *others)](*args, **constexprs)
         return
     split = tiles.block_n if kind == "dkdv" else tiles.block_m
-    kernel[(triton.cdiv(grid_rows, split), *others)](
+    kernel[(_cdiv(grid_rows, split), *others)](
         *args, **constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -872,6 +872,11 @@ def _launch(kernel, kind: str, grid_rows: int, others: tuple[int, int], tiles: T
 # --------------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a ConstexprFunction: ~2 us a call on the host, here called per launch.
+    return -(-a // b)
+
+
 def _check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -879,45 +884,50 @@ def _check_inputs(
     block_size: int, key_padding_mask: torch.Tensor | None,
     dropout_p: float, seed: torch.Tensor,
 ) -> None:
-    # Shape/dtype checks only: nothing here may synchronise with the device.
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    # Shape/dtype checks only: nothing here may synchronise with the device. Runs on every
+    # launch, so it reads each shape once and builds messages only on failure: at short
+    # sequences the host time per call is what the GPU waits for.
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise ValueError("q, k, v must be 4-D [batch, heads, seq_len, head_dim]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q.dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+                         f"{tuple(qs)}, {tuple(ks)}, {tuple(vs)}")
+    dtype = q.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q.dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on the same device")
-    b, h, _, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+    b, h, lq, d = qs
+    h_kv, lk = ks[1], ks[2]
+    if ks != vs or ks[0] != b or ks[3] != d:
         raise ValueError(f"k and v must be [batch={b}, kv_heads, kv_len, head_dim={d}], got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if h % k.shape[1] != 0:
-        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({k.shape[1]})")
+                         f"{tuple(ks)} and {tuple(vs)}")
+    if h % h_kv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv})")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {d}")
     if block_size not in SUPPORTED_PATTERN_BLOCKS:
         raise ValueError(f"block_size must be one of {SUPPORTED_PATTERN_BLOCKS}, got {block_size}")
-    nqb = triton.cdiv(q.shape[2], block_size)
-    nkb = triton.cdiv(k.shape[2], block_size)
-    for name, t, rows in (("kv_num_blocks", kv_num_blocks, nqb), ("q_num_blocks", q_num_blocks, nkb)):
-        if t.dim() != 2 or t.shape[0] not in (1, h) or t.shape[1] != rows:
-            raise ValueError(f"{name} must be [1 or {h}, {rows}] for this sequence length and "
-                             f"block_size={block_size}, got {tuple(t.shape)}")
-    for name, t, cnt in (("kv_indices", kv_indices, kv_num_blocks),
-                         ("q_indices", q_indices, q_num_blocks)):
-        if t.dim() != 3 or t.shape[:2] != cnt.shape:
-            raise ValueError(f"{name} must be [{cnt.shape[0]}, {cnt.shape[1]}, max_blocks], got "
-                             f"{tuple(t.shape)}")
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-    if kv_num_blocks.dtype != torch.int32 or q_num_blocks.dtype != torch.int32:
-        raise TypeError("kv_num_blocks and q_num_blocks must be int32")
+    for name, num, idx, rows in (("kv", kv_num_blocks, kv_indices, _cdiv(lq, block_size)),
+                                 ("q", q_num_blocks, q_indices, _cdiv(lk, block_size))):
+        ns, ids = num.shape, idx.shape
+        if len(ns) != 2 or ns[0] not in (1, h) or ns[1] != rows:
+            raise ValueError(f"{name}_num_blocks must be [1 or {h}, {rows}] for this sequence "
+                             f"length and block_size={block_size}, got {tuple(ns)}")
+        if len(ids) != 3 or ids[0] != ns[0] or ids[1] != ns[1]:
+            raise ValueError(f"{name}_indices must be [{ns[0]}, {ns[1]}, max_blocks], got "
+                             f"{tuple(ids)}")
+        if idx.dtype != torch.int32:
+            raise TypeError(f"{name}_indices must be int32, got {idx.dtype}")
+        if num.dtype != torch.int32:
+            raise TypeError("kv_num_blocks and q_num_blocks must be int32")
     if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, k.shape[2]):
-            raise ValueError(f"key_padding_mask must be bool [{b}, {k.shape[2]}], got "
-                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        kpm_shape = key_padding_mask.shape
+        if key_padding_mask.dtype != torch.bool or len(kpm_shape) != 2 \
+                or kpm_shape[0] != b or kpm_shape[1] != lk:
+            raise ValueError(f"key_padding_mask must be bool [{b}, {lk}], got "
+                             f"{key_padding_mask.dtype} {tuple(kpm_shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and seed.numel() != 1:
@@ -979,7 +989,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())  # next power of two, without a ConstexprFunction
 
 
 def _n_allowed(
@@ -1028,7 +1038,7 @@ def triton_block_sparse_fwd(
     kpm, stride_kpmb = _kpm_arg(key_padding_mask, q)
     seed_ptr, seed_lo, seed_hi, seed_in_memory = _seed_args(seed, dropout_p, q)
     n_allowed = _n_allowed(key_padding_mask, b, lq, lk, causal, q.device) if compat_spion else lse
-    tiles = tile_config("fwd", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128),
+    tiles = tile_config("fwd", d, q.dtype, block_size, b * h * _cdiv(lq, 128),
                         _device_sms(q.device), dropout_p > 0.0)
     args = (
         q, k, v, out, lse, kv_num, kv_idx, kpm, seed_ptr, n_allowed,
@@ -1107,7 +1117,7 @@ def triton_block_sparse_bwd(
         UPCAST=_upcast(q.dtype), PRECISION=_dot_precision(q.dtype),
     )
     # dQ first: it also writes delta, which the dK/dV kernel reads.
-    dq_tiles = tile_config("dq", d, q.dtype, block_size, b * h * triton.cdiv(lq, 128), sms,
+    dq_tiles = tile_config("dq", d, q.dtype, block_size, b * h * _cdiv(lq, 128), sms,
                            dropout_p > 0.0)
     _launch(_dq_launch, "dq", lq, (h, b), dq_tiles, (
         q, k, v, out, grad_out, dq, lse, delta, kv_num, kv_idx, kpm, seed_ptr,
@@ -1115,7 +1125,7 @@ def triton_block_sparse_bwd(
         *_layout_strides(kv_num, kv_idx), stride_kpmb,
         h, h_kv, lq, lk, float(scale), qk_scale, float(dropout_p), seed_lo, seed_hi,
     ), {**common, "EVEN_K": lk % block_size == 0})
-    dkdv_tiles = tile_config("dkdv", d, q.dtype, block_size, b * h_kv * triton.cdiv(lk, 128),
+    dkdv_tiles = tile_config("dkdv", d, q.dtype, block_size, b * h_kv * _cdiv(lk, 128),
                              sms, dropout_p > 0.0)
     _launch(_dkdv_launch, "dkdv", lk, (h_kv, b), dkdv_tiles, (
         q, k, v, grad_out, dk, dv, lse, delta, q_num, q_idx, kpm, seed_ptr,
@@ -1141,7 +1151,7 @@ def dropout_keep_mask(
     # The attention kernels use the seed modulo 2^62 (two 31-bit halves); so does the mask.
     value = seed.reshape(1).to(device=device, dtype=torch.int64) & ((1 << 2 * _SEED_BITS) - 1)
     tile = 16 if INTERPRET else 64
-    grid = (triton.cdiv(q_len, tile), triton.cdiv(kv_len, tile), batch * heads)
+    grid = (_cdiv(q_len, tile), _cdiv(kv_len, tile), batch * heads)
     _dropout_mask_kernel[grid](mask, value, q_len, kv_len, float(dropout_p),
                                BLOCK_M=tile, BLOCK_N=tile)
     return mask.bool()
