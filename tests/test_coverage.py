@@ -169,6 +169,12 @@ def test_oracle_density_is_the_fewest_blocks_for_a_share():
     # Reaching what diagonal + FAR hold needs exactly those 12 blocks, no diagonal forced.
     share = _direct_share(attn, generate_pattern(attn, block_size=B, variant="p", coverage=0.88), B)
     assert fewest_blocks_for_mass(attn, share, B) == pytest.approx(12 / 64)
+    # With the diagonal forced the oracle is the coverage pattern itself (diagonal-first greedy).
+    assert fewest_blocks_for_mass(attn, share, B, diagonal=True) == pytest.approx(12 / 64)
+    light = torch.full((NB * B, NB * B), 1.0, dtype=torch.float64)
+    light[:B, B:2 * B] = 200.0  # one off-diagonal block with most of the mass
+    assert fewest_blocks_for_mass(light, 0.5, B) == pytest.approx(1 / 64)
+    assert fewest_blocks_for_mass(light, 0.5, B, diagonal=True) == pytest.approx(9 / 64)
 
 
 def test_bad_arguments_name_the_field():

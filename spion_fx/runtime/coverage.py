@@ -130,15 +130,23 @@ def mass_kept(attn: Tensor, pattern: Tensor, block_size: int) -> tuple[float, Te
     return overall, per_head
 
 
-def fewest_blocks_for_mass(attn: Tensor, share: float, block_size: int, *, causal: bool = False) -> float:
+def fewest_blocks_for_mass(
+    attn: Tensor, share: float, block_size: int, *, causal: bool = False, diagonal: bool = False
+) -> float:
     """Density of the best possible single pattern keeping `share` of the (head-averaged) map.
 
-    The oracle for judging a pattern: greedy over every block (no diagonal forced), which is
-    optimal because block masses add up. Density counts cells as `pattern_density` does.
+    The oracle for judging a pattern: greedy over every block, which is optimal because block
+    masses add up. diagonal=True forces the diagonal first, as every pattern here has it (the
+    best pattern among those). Density counts cells as `pattern_density` does.
     """
     grid = block_mass(attn, block_size).sum(0)
-    nb, mass = grid.shape[-1], grid.flatten()
-    ordered = torch.sort(mass, descending=True).values
-    target = float(share) * float(mass.sum()) * (1.0 - _SLACK)
+    nb = grid.shape[-1]
+    target = float(share) * float(grid.sum()) * (1.0 - _SLACK)
+    forced = 0
+    if diagonal:
+        target -= float(grid.diagonal().sum())
+        grid = grid.masked_fill(torch.eye(nb, dtype=torch.bool, device=grid.device), 0.0)
+        forced = nb
+    ordered = torch.sort(grid.flatten(), descending=True).values
     blocks = int((ordered.cumsum(0) < target).sum()) + 1 if target > 0 else 0
-    return min(blocks, mass.numel()) / _cell_count(nb, causal)
+    return min(forced + blocks, nb * nb) / _cell_count(nb, causal)
