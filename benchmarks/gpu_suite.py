@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -571,14 +572,25 @@ def _pattern_density(model) -> tuple[float, float]:
 
 
 def gpt2_rows(budget: Budget, deadline: float, log: Callable[[str], None],
-              setup: GPT2Setup | None = None) -> tuple[list[dict], dict]:
-    import spion_fx
+              setup: GPT2Setup | None = None,
+              progress: Callable[[list[dict], dict], None] | None = None,
+              ) -> tuple[list[dict], dict]:
+    """The GPT-2 rows: eager, sparsify (dense phase, switch, sparse phase), torch.compile.
+
+    sparsify runs before torch.compile: its rows are the issue's targets, torch.compile is a
+    reference. ``progress(rows, raw)`` is called after each variant, so a run stopped midway
+    keeps what it measured.
+    """
     from spion_fx.data import BatchSampler, load_corpus
 
     setup = setup or GPT2Setup()
     data = load_corpus().train
     raw: dict[str, Any] = {"setup": dataclasses.asdict(setup)}
     rows: list[dict] = []
+
+    def report() -> None:
+        if progress is not None:
+            progress(rows, raw)
 
     def sampler():
         return BatchSampler(data, setup.batch, setup.seq_len, seed=0)
@@ -600,9 +612,20 @@ def gpt2_rows(budget: Budget, deadline: float, log: Callable[[str], None],
     rows.append(make_row("GPT-2 step, eager HF", eager_ms, note=f"peak {eager_gib:.2f} GiB"))
     model = opt = None
     _free()
+    report()
+
+    # sparsify: dense phase, the switch, sparse phase
+    if budget.allows(deadline, 60):
+        log(f"gpt2: sparsify [{budget.elapsed():.0f}s]")
+        rows += _sparsify_rows(setup, sampler, optimizer, step, eager_ms, eager_gib, raw)
+        torch._dynamo.reset()
+        _free()
+    else:
+        rows.append(make_row("GPT-2 sparsify rows", None, note="skipped: budget"))
+    report()
 
     # torch.compile
-    if budget.allows(deadline, 120):
+    if budget.allows(deadline, 90):
         log(f"gpt2: torch.compile [{budget.elapsed():.0f}s]")
         model = _gpt2(setup)
         opt = optimizer(model)
@@ -618,12 +641,15 @@ def gpt2_rows(budget: Budget, deadline: float, log: Callable[[str], None],
         _free()
     else:
         rows.append(make_row("GPT-2 step, torch.compile", None, note="skipped: budget"))
+    report()
+    return rows, raw
 
-    # sparsify: dense phase, the switch, sparse phase
-    if not budget.allows(deadline, 60):
-        rows.append(make_row("GPT-2 sparsify rows", None, note="skipped: budget"))
-        return rows, raw
-    log(f"gpt2: sparsify [{budget.elapsed():.0f}s]")
+
+def _sparsify_rows(setup: GPT2Setup, sampler, optimizer, step, eager_ms: float,
+                   eager_gib: float, raw: dict[str, Any]) -> list[dict]:
+    import spion_fx
+
+    rows: list[dict] = []
     model = _gpt2(setup)
     opt = optimizer(model)
     dense_steps = 1 + setup.warmup + setup.reps + 1  # compile, warm-up, timed, the probe/switch
@@ -633,26 +659,25 @@ def gpt2_rows(budget: Budget, deadline: float, log: Callable[[str], None],
     batches = sampler()
     first = step(model, opt, batches)
     dense_ms, dense_gib = _steady(model, opt, batches, setup)
+    raw["sparsify"] = {"first_ms": first, "dense_ms": dense_ms, "dense_peak_gib": dense_gib}
     if any(s.phase == "sparse" for s in _sites(model)):
-        rows.append(make_row("GPT-2 sparsify rows", None, note="the switch came during the "
-                             "timed dense steps; no dense/switch figures"))
-        return rows, raw
+        return [make_row("GPT-2 sparsify rows", None, note="the switch came during the timed "
+                         "dense steps; no dense/switch figures")]
     rows.append(make_row("GPT-2 step, sparsify dense phase", dense_ms, "eager HF", eager_ms,
                          ">= 1.0x", f"peak {dense_gib:.2f} GiB; first step (compile) "
                          f"{first / 1e3:.1f} s"))
-    # Steps until the switch has happened: the probe step, then the first sparse step.
+    # Steps until the switch has happened: the step in which the phase flips, then one more.
     switch_ms: list[float] = []
     for _ in range(4):
         was_sparse = any(s.phase == "sparse" for s in _sites(model))
         switch_ms.append(step(model, opt, batches))
         if was_sparse:
             break
-    sparse = all(s.phase == "sparse" for s in _sites(model)) and _sites(model)
-    if not sparse:
+    raw["sparsify"]["switch_steps_ms"] = switch_ms
+    if not (_sites(model) and all(s.phase == "sparse" for s in _sites(model))):
         rows.append(make_row("GPT-2 switch", None, note=f"no switch after {dense_steps} steps; "
                              f"phases {[s.phase for s in _sites(model)]}"))
-        raw["sparsify"] = {"first_ms": first, "dense_ms": dense_ms, "switch_steps_ms": switch_ms}
-        return rows, raw
+        return rows
     sparse_ms, sparse_gib = _steady(model, opt, batches, setup)
     grid_density, causal_density = _pattern_density(model)
     # The stall: the step during which the phase flipped and the step after it, beyond two
@@ -667,13 +692,10 @@ def gpt2_rows(budget: Budget, deadline: float, log: Callable[[str], None],
                          eager_ms, ">= 2.5x",
                          f"causal density {causal_density:.1%} (grid {grid_density:.1%}); peak "
                          f"{sparse_gib:.2f} GiB vs eager {eager_gib:.2f} GiB"))
-    raw["sparsify"] = {"first_ms": first, "dense_ms": dense_ms, "dense_peak_gib": dense_gib,
-                       "switch_steps_ms": switch_ms, "stall_ms": stall_ms, "sparse_ms": sparse_ms,
-                       "sparse_peak_gib": sparse_gib, "grid_density": grid_density,
-                       "causal_density": causal_density}
-    model = opt = None
-    _free()
-    return rows, raw
+    raw["sparsify"].update({"stall_ms": stall_ms, "sparse_ms": sparse_ms,
+                            "sparse_peak_gib": sparse_gib, "grid_density": grid_density,
+                            "causal_density": causal_density})
+    return rows
 
 
 # ------------------------------------------------------------------------------------- N:M
@@ -754,6 +776,17 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
 
 
+class Stopped(BaseException):
+    """SIGTERM (the caller's timeout): stop measuring, write what was measured."""
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Stopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_suite(budget_s: float, write: bool, benchmarks_md: Path) -> int:
     budget = Budget(budget_s)
 
@@ -767,27 +800,50 @@ def run_suite(budget_s: float, write: bool, benchmarks_md: Path) -> int:
     sections: dict[str, list[dict]] = {}
     payload: dict[str, Any] = {"environment": env, "budget_s": budget_s, "sections": sections,
                                "raw": {}}
+
+    def save(final: bool = False) -> None:
+        """JSON and the BENCHMARKS.md section, after every measurement group."""
+        payload["elapsed_s"] = budget.elapsed()
+        payload["complete"] = final
+        _save(json_path, payload)
+        if write:
+            text = benchmarks_md.read_text(encoding="utf-8") if benchmarks_md.exists() else ""
+            body = section_markdown(env, sections, budget.elapsed())
+            if not final:
+                body += "\n_Partial: the run stopped before every section had finished._\n"
+            benchmarks_md.write_text(rewrite_section(text, body), encoding="utf-8")
+
+    def gpt2_progress(rows: list[dict], raw: dict) -> None:
+        sections["gpt2"], payload["raw"]["gpt2"] = list(rows), raw
+        save()
+
     steps: list[tuple[str, Callable[[], tuple[list[dict], Any]]]] = [
         ("kernels", lambda: kernel_rows(budget, budget.deadline("kernels"), log)),
-        ("gpt2", lambda: gpt2_rows(budget, budget.deadline("gpt2"), log)),
+        ("gpt2", lambda: gpt2_rows(budget, budget.deadline("gpt2"), log,
+                                   progress=gpt2_progress)),
         ("nm", lambda: (nm_rows(budget.deadline("nm"), log), None)),
     ]
+    _stop_on_sigterm()
+    stopped = False
     for name, step in steps:
         try:
             rows, raw = step()
+        except Stopped:
+            log(f"stopped by SIGTERM during {name} ({budget.elapsed():.0f} s)")
+            sections.setdefault(name, []).append(
+                make_row(f"{name} section", None, note="stopped by the caller's timeout"))
+            stopped = True
+            break
         except Exception as exc:
             traceback.print_exc()
             rows, raw = [make_row(f"{name} section", None, note=f"ERROR {exc!r}"[:300])], None
         sections[name] = rows
         payload["raw"][name] = raw
-        payload["elapsed_s"] = budget.elapsed()
-        _save(json_path, payload)
+        save()
         print(rows_table(rows), flush=True)
+    save(final=not stopped)
     log(f"results: {json_path} ({budget.elapsed():.0f} s)")
     if write:
-        text = benchmarks_md.read_text(encoding="utf-8") if benchmarks_md.exists() else ""
-        body = section_markdown(env, sections, budget.elapsed())
-        benchmarks_md.write_text(rewrite_section(text, body), encoding="utf-8")
         log(f"rewrote the GPU section of {benchmarks_md}")
     return 0
 

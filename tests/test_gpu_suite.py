@@ -8,10 +8,13 @@ run anywhere; the check is exercised on the Triton kernels under the interpreter
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,11 +114,13 @@ def test_benchmarks_md_has_one_gpu_section():
     assert text.index(gpu_suite.BEGIN_MARKER) < text.index(gpu_suite.END_MARKER)
 
 
+ENV = {"date": "2026-01-01 00:00 UTC", "device": "NVIDIA H200", "sms": 132, "memory_gib": 139.8,
+       "capability": "9.0", "torch": "2.11.0", "cuda": "12.8", "triton": "3.6.0",
+       "transformers": "5.17.0", "python": "3.12.0"}
+
+
 def test_section_markdown_names_device_and_versions():
-    env = {"date": "2026-01-01 00:00 UTC", "device": "NVIDIA H200", "sms": 132, "memory_gib": 139.8,
-           "capability": "9.0", "torch": "2.11.0", "cuda": "12.8", "triton": "3.6.0",
-           "transformers": "5.17.0", "python": "3.12.0"}
-    md = gpu_suite.section_markdown(env, {"kernels": [gpu_suite.make_row("fwd", 1.0, "Flex", 1.1)],
+    md = gpu_suite.section_markdown(ENV, {"kernels": [gpu_suite.make_row("fwd", 1.0, "Flex", 1.1)],
                                           "gpt2": [], "nm": []}, 300.0)
     for needle in ("## GPU", "NVIDIA H200", "torch 2.11.0", "triton 3.6.0", "transformers 5.17.0",
                    "2026-01-01", "### Block-sparse attention kernels"):
@@ -295,11 +300,14 @@ def test_gpt2_rows_smoke_on_cpu():
                                 warmup=1, reps=1, device="cpu", compile_backend="eager",
                                 sparsify_inner="aot_eager")
     budget = gpu_suite.Budget(10_000.0)
-    rows, raw = gpu_suite.gpt2_rows(budget, budget.deadline("gpt2"), lambda _: None, setup)
+    seen: list[int] = []
+    rows, raw = gpu_suite.gpt2_rows(budget, budget.deadline("gpt2"), lambda _: None, setup,
+                                    progress=lambda rows, raw: seen.append(len(rows)))
     names = [r["what"] for r in rows]
-    assert names[:3] == ["GPT-2 step, eager HF", "GPT-2 step, torch.compile",
-                         "GPT-2 step, sparsify dense phase"], names
-    assert any(n.startswith("GPT-2 switch stall") for n in names)
+    assert names[0] == "GPT-2 step, eager HF" and names[-1] == "GPT-2 step, torch.compile"
+    assert names[1] == "GPT-2 step, sparsify dense phase", names
+    assert names[2].startswith("GPT-2 switch stall"), names
+    assert seen == [1, 4, 5]  # progress after each variant: partial results survive a timeout
     sparse = next(r for r in rows if r["what"] == "GPT-2 step, sparsify sparse phase")
     assert sparse["ratio"] is not None and sparse["target"] == ">= 2.5x"
     assert 0 < raw["sparsify"]["grid_density"] < 1
@@ -315,3 +323,40 @@ def test_gpt2_rows_skip_what_the_budget_cannot_hold():
                                 warmup=0, reps=1, device="cpu")
     rows, _ = gpu_suite.gpt2_rows(budget, budget.deadline("gpt2"), lambda _: None, setup)
     assert [r["note"] for r in rows[1:]] == ["skipped: budget", "skipped: budget"]
+
+
+def test_run_suite_keeps_partial_results_when_stopped(monkeypatch, tmp_path):
+    """A timeout (SIGTERM -> Stopped) mid-GPT-2 still leaves the JSON and the BENCHMARKS.md
+    section with everything measured so far, marked partial; the rest of the file is kept."""
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(gpu_suite, "environment", lambda: ENV)
+    monkeypatch.setattr(gpu_suite, "_stop_on_sigterm", lambda: None)
+    monkeypatch.setattr(gpu_suite, "kernel_rows", lambda budget, deadline, log: (
+        [gpu_suite.make_row("fwd D64", 0.09, "FlexAttention fwd", 0.1, ">= 1.0x")], {}))
+
+    def gpt2(budget, deadline, log, progress=None):
+        progress([gpu_suite.make_row("GPT-2 step, eager HF", 50.0)], {"eager": {}})
+        raise gpu_suite.Stopped()
+
+    monkeypatch.setattr(gpu_suite, "gpt2_rows", gpt2)
+    monkeypatch.setattr(gpu_suite, "nm_rows", lambda deadline, log: pytest.fail("ran after stop"))
+    md = tmp_path / "B.md"
+    md.write_text(f"# B\n\n{gpu_suite.BEGIN_MARKER}\nold\n{gpu_suite.END_MARKER}\ntail\n")
+    assert gpu_suite.run_suite(100.0, True, md) == 0
+    text = md.read_text()
+    assert "fwd D64" in text and "GPT-2 step, eager HF" in text and "stopped by" in text
+    assert "_Partial" in text and text.endswith("tail\n") and "\nold\n" not in text
+    data = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    assert data["complete"] is False
+    assert [r["what"] for r in data["sections"]["gpt2"]][0] == "GPT-2 step, eager HF"
+
+
+def test_sigterm_raises_stopped():
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        gpu_suite._stop_on_sigterm()
+        with pytest.raises(gpu_suite.Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGTERM, previous)
