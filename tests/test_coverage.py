@@ -95,6 +95,8 @@ def test_causal_never_keeps_or_counts_a_block_above_the_diagonal():
     pattern = generate_pattern(attn, block_size=B, variant="p", coverage=0.99, causal=True)
     assert not pattern.triu(1).any()
     assert pattern[6, 1] and pattern.diagonal().all()
+    lower = block_mass(attn, B)[0] * torch.ones(NB, NB).tril()  # what a causal pattern may keep
+    assert float((lower * pattern).sum()) >= 0.99 * float(lower.sum())
 
 
 def test_max_density_caps_the_pattern():

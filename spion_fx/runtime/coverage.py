@@ -17,7 +17,8 @@ whole map. A map with no mass at all has no defined share: NaN.
 reaches ``coverage`` of the map's mass. Block masses add up, so with the diagonal forced the
 greedy choice is optimal: the diagonal first, then the remaining candidates (strictly
 off-diagonal; strictly below it when causal, so nothing above the diagonal is counted or kept)
-by decreasing mass until the target is met. ``max_density`` caps the number of kept blocks, as a
+by decreasing mass until the target is met (the target is `coverage` of the mass on and below
+the diagonal when causal). ``max_density`` caps the number of kept blocks, as a
 fraction of the pattern's cells (nb^2, or nb(nb+1)/2 when causal, as `pattern_density` counts
 them); the diagonal is kept even when the cap is below it. Ties go to the lower row-major index,
 so the pattern is deterministic. Blocks with no mass are never added: they would not raise it.
@@ -88,7 +89,9 @@ def coverage_pattern(
     mass = mass.to(torch.float64)
     eye = torch.eye(nb, dtype=torch.bool, device=mass.device)
     candidate = torch.ones(nb, nb, dtype=torch.bool, device=mass.device).tril(-1) if causal else ~eye
-    total = mass.flatten(1).sum(1)  # [H]
+    # Causal: blocks above the diagonal neither count toward the target nor are kept (a causal
+    # probe map has no mass there anyway).
+    total = (mass * (candidate | eye)).flatten(1).sum(1)  # [H]
     missing = coverage * total * (1.0 - _SLACK) - (mass * eye).flatten(1).sum(1)  # after the diagonal
     ranked = mass.masked_fill(~candidate, -1.0).flatten(1)
     # Stable sort: equal masses go to the lower row-major index, so the choice is deterministic.
