@@ -360,3 +360,21 @@ def test_sigterm_raises_stopped():
             time.sleep(1)  # the handler runs at the next bytecode boundary
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_gpu_check_script_fits_eight_minutes():
+    """The one-call GPU script: tests, then the suite, with hard timeouts summing to <= 8 min,
+    the suite's budget inside its timeout, and results copied to $OUT."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    timeouts = [int(t) for t in re.findall(r"timeout -k (?:\d+) (\d+) ", text)]
+    kills = [int(k) for k in re.findall(r"timeout -k (\d+) ", text)]
+    assert len(timeouts) == 2 and sum(timeouts) + sum(kills) <= 8 * 60, timeouts
+    budget = float(re.search(r"--budget-s (\d+)", text).group(1))
+    assert budget < timeouts[1]
+    assert "tests/test_gpu_e2e.py" in text and "benchmarks/gpu_suite.py" in text
+    assert '"$OUT/BENCHMARKS.md"' in text and "TRITON_CACHE_DIR" in text
+    result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
