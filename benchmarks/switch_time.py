@@ -5,7 +5,7 @@ Two measurements on the demo model (4 layers, d 128, 2 heads, causal, AdamW, cli
 
 * **dense phase vs eager**: the same model and batches trained by the same loop, (a) plain eager
   PyTorch, (b) ``torch.compile`` (inductor), (c) ``spion_fx.sparsify`` in its dense phase (no
-  probe steps in the timed window). Steps interleaved (a, b, c, a, b, c, ...), medians of the
+  probe steps in the timed window); the demo model, and HF GPT-2 with its attention dropout. Steps interleaved (a, b, c, a, b, c, ...), medians of the
   steps after the compile steps.
 * **switch stall**: a sparsified model whose switch is forced by ``max_dense_steps``. The stall
   is what the switch step and the first sparse step cost beyond steady steps of their phase:
@@ -35,36 +35,54 @@ from spion_fx.demo import ByteTransformer, DemoConfig, build, train_step
 COMPILE_STEPS = 2  # first steps of a compiled model: compile, allocator warm-up
 
 
-def _plain(config: DemoConfig, compiled: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _demo_model(config: DemoConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The demo's model and optimizer without spion_fx (same seed, so the same weights)."""
     torch.manual_seed(config.seed)
     model = ByteTransformer(config.seq_len, config.d_model, config.n_layers, config.n_heads, config.mlp_ratio)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    if compiled:
-        model.compile()
-    return model, optimizer
+    return model, torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1, betas=(0.9, 0.95))
 
 
-def dense_phase_vs_eager(config: DemoConfig, reps: int) -> dict[str, Any]:
-    steps = COMPILE_STEPS + reps
-    sparse_config = replace(config, probe_interval=10**6, min_dense_steps=0, max_dense_steps=10**6)
-    models = {
-        "eager": _plain(config, compiled=False),
-        "torch.compile": _plain(config, compiled=True),
-        "sparsify (dense phase)": build(sparse_config),
-    }
+def _gpt2(seq_len: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """HF GPT-2 (sdpa attention, its default attention dropout 0.1), 4 layers, d 256."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=seq_len, n_embd=256, n_layer=4, n_head=4)
+    config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _hf_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, lr: float) -> float:
+    x, _ = batch
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def dense_phase_vs_eager(name: str, config: DemoConfig, reps: int) -> dict[str, Any]:
+    """eager / torch.compile / sparsify's dense phase of one model, steps interleaved."""
+    factory = (lambda: _gpt2(config.seq_len)) if name == "gpt2" else (lambda: _demo_model(config))
+    step_fn = _hf_step if name == "gpt2" else train_step
+    models = {"eager": factory(), "torch.compile": factory(), "sparsify (dense phase)": factory()}
+    models["torch.compile"][0].compile()
+    spion_fx.sparsify(models["sparsify (dense phase)"][0], "spion-cf", optimizer=models["sparsify (dense phase)"][1],
+                      probe_interval=10**6, block_size=config.block_size)
     sampler = BatchSampler(load_corpus(config.data).train, config.batch_size, config.seq_len, config.seed)
-    batches = [next(sampler) for _ in range(steps)]
-    timed: dict[str, list[float]] = {name: [] for name in models}
+    batches = [next(sampler) for _ in range(COMPILE_STEPS + reps)]
+    timed: dict[str, list[float]] = {key: [] for key in models}
     for step, batch in enumerate(batches):
-        for name, (model, optimizer) in models.items():
+        for key, (model, optimizer) in models.items():
             start = time.perf_counter()
-            train_step(model, optimizer, batch, config.lr)
+            step_fn(model, optimizer, batch, config.lr)
             if step >= COMPILE_STEPS:
-                timed[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in timed.items()}
+                timed[key].append(time.perf_counter() - start)
+    medians = {key: statistics.median(values) for key, values in timed.items()}
     return {
-        "benchmark": "dense phase vs eager",
+        "benchmark": f"dense phase vs eager ({'HF GPT-2 4x256, dropout 0.1' if name == 'gpt2' else 'demo model'})",
         "seq_len": config.seq_len,
         "batch": config.batch_size,
         "eager_step_s": medians["eager"],
@@ -108,7 +126,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     reps = 3 if quick else 5
     base = DemoConfig()
     return [
-        dense_phase_vs_eager(replace(base, seq_len=2048, batch_size=2 if quick else 4), reps),
+        dense_phase_vs_eager("demo", replace(base, seq_len=2048, batch_size=2 if quick else 4), reps),
+        dense_phase_vs_eager("gpt2", replace(base, seq_len=1024, batch_size=2), reps),
         switch_stall(replace(base, seq_len=2048 if quick else 4096, batch_size=2), reps),
     ]
 
