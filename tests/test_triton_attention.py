@@ -435,7 +435,8 @@ def test_large_seed_matches_keep_mask():
                                      lay.q_indices, bs, 0.25, False, None, p, seed, False)
     keep = dropout_keep_mask(seed, b, h, lq, lq, p, DEVICE)
     *_, ref, _ = reference(q, k, v, layout, 0.25, False, keep=keep, dropout_p=p)
-    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=2e-4, rtol=2e-4)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=atol, rtol=rtol)
     other, _ = triton_block_sparse_fwd(q, k, v, lay.kv_num_blocks, lay.kv_indices,
                                        lay.q_num_blocks, lay.q_indices, bs, 0.25, False, None, p,
                                        seed + 2**31, False)
@@ -492,7 +493,7 @@ def test_device_seed_equals_host_seed():  # pragma: no cover - needs a GPU
     lay = make_layout(2, 2, 32, dense=True).to("cuda")
     base = (lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks, lay.q_indices, 32, 0.2, True,
             None, 0.25)
-    host = torch.tensor(2**33 + 7)
+    host = torch.tensor(2**62 + 2**33 + 7)  # bit 62 is dropped on both paths
     a, lse = triton_block_sparse_fwd(q, k, v, *base, host, False)
     b, _ = triton_block_sparse_fwd(q, k, v, *base, host.cuda(), False)
     torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -113,7 +113,8 @@ def _dropout_keep(seed, rng_base, offs_row, offs_col, Lk, dropout_p):
 def _seed(SEED, seed_lo, seed_hi, HAS_DROPOUT: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
     if HAS_DROPOUT:
         if SEED_IN_MEMORY:
-            seed = tl.load(SEED)
+            # The same 62 bits the host path passes (and dropout_keep_mask uses).
+            seed = tl.load(SEED) & 4611686018427387903
         else:
             seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
     else:
