@@ -193,3 +193,11 @@ def test_finalize_forced_backend_skips_measuring():
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref)
 
+
+
+def test_finalize_rejects_bad_mode_and_tokens():
+    net, ctl, _, _ = _trained_net()
+    with pytest.raises(ValueError, match="mode='fast'"):
+        finalize(net, controller=ctl, mode="fast")
+    with pytest.raises(ValueError, match="tokens=0"):
+        finalize(net, controller=ctl, tokens=0)

@@ -18,11 +18,13 @@ site name as a module path), so names produced by the rewrite pass need not matc
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from spion_fx.kernels.nm.packed import PackedNMLinear
-from spion_fx.lowering.nm_select import DEFAULT_TOKENS, Timer, TimingCache, choose_kernel
+from spion_fx.lowering.nm_select import DEFAULT_TOKENS, MODES, Timer, TimingCache, choose_kernel
 from spion_fx.runtime.linear_controller import LinearSparsityController
 from spion_fx.runtime.linear_site import NM_METHODS, LinearSparsitySite
 
@@ -58,12 +60,16 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 def finalize(
     model: nn.Module, controller: LinearSparsityController | None = None, backend: str = "auto", *,
     mode: str = "speed", tokens: int = DEFAULT_TOKENS, timer: Timer | None = None,
-    cache: TimingCache | str | None = None,
+    cache: TimingCache | str | os.PathLike | None = None,
 ) -> dict[str, str]:
     """Bake masks; returns {site name: what was done (or why not)}.
 
     ``backend="auto"`` measures (see the module docstring); any other value forces that
     `PackedNMLinear` backend without measuring. ``timer`` / ``cache`` inject timings (tests)."""
+    if mode not in MODES:
+        raise ValueError(f"finalize: mode={mode!r}, expected one of {MODES}")
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"finalize: tokens={tokens!r}, expected a positive int (rows per call to time)")
     ctl = _controller(model, controller)
     timings = cache if isinstance(cache, TimingCache) else (
         TimingCache(cache) if backend == "auto" and timer is None else None)
