@@ -7,6 +7,9 @@ B=1, H=16, bf16, D in {64, 128}, L in {2048, 4096, 8192, 16384}, SPION-like bloc
 triton.testing.do_bench; every ratio in the table is measured in the same run on the same GPU.
 FlexAttention gets the same pattern as a BlockMask (interior blocks marked full, so it skips its
 mask_mod there) and is torch.compile'd; dense is SDPA restricted to the flash backend.
+
+The full grid, by hand. ``benchmarks/gpu_suite.py`` (``make bench-gpu``) measures a trimmed grid
+within a time budget together with the end-to-end rows, and writes BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def compile_launch(kernel: Any, kind: str, args: tuple, constexprs: dict, tiles:
 
 def record_launches(head_dim: int, length: int, block: int, causal: bool, padding: bool,
                     dropout: float, heads: int = 16, kv_heads: int | None = None,
-                    dtype: str = "bfloat16", sm_count: int = 132) -> list[tuple]:
+                    dtype: str = "bfloat16", sm_count: int = 132,
+                    compat: bool = False) -> list[tuple]:
     """(kernel, kind, args, constexprs, tiles) of one forward + backward, nothing launched."""
     import torch
 
@@ -121,7 +122,7 @@ def record_launches(head_dim: int, length: int, block: int, causal: bool, paddin
         lay = BlockLayout.from_dense(grid, block)
         mask = torch.ones(1, length, dtype=torch.bool) if padding else None
         args = (lay.kv_num_blocks, lay.kv_indices, lay.q_num_blocks, lay.q_indices, block,
-                head_dim ** -0.5, causal, mask, dropout, torch.tensor(5), False)
+                head_dim ** -0.5, causal, mask, dropout, torch.tensor(5), compat)
         out, lse = ta.triton_block_sparse_fwd(q, k, k, *args)
         ta.triton_block_sparse_bwd(q, q, k, k, out, lse, *args)
     finally:
