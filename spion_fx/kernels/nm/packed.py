@@ -161,10 +161,11 @@ class PackedNMLinear(nn.Module):
             self.backend, self.reason = "cpu", "CPU: row tiles decompressed on the fly"
             return
         notes = []
-        kinds = {"semi_structured": semi_structured.KINDS}.get(backend, (backend,))
-        for kind in kinds if backend != "auto" else ():
-            if kind not in semi_structured.KINDS:
-                continue
+        if backend == "semi_structured":  # either library, cuSPARSELt first
+            semi_kinds = semi_structured.KINDS
+        else:
+            semi_kinds = (backend,) if backend in semi_structured.KINDS else ()
+        for kind in semi_kinds:
             why = semi_structured.unavailable(kind, w, self.n, self.m)
             if why is None:
                 try:
