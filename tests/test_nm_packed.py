@@ -160,3 +160,14 @@ def test_finalize(method):
         rows = {r["name"]: r for r in ctl.report()}
         assert rows["fc"]["kernel"] == "cpu" and rows["fc"]["vs_dense"] > 0
         assert rows["odd"]["kernel"] is None
+
+
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass", "semi_structured"])
+def test_semi_structured_backends_say_why_not_on_cpu(backend):
+    w, mask = _masked(64, 128, 2, 4)
+    layer = PackedNMLinear.from_dense(w, None, 2, 4, mask=mask, backend=backend)
+    assert layer.backend != backend and "not on CUDA" in layer.reason
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), F.linear(x, w))
+    with pytest.raises(ValueError, match="backend='fast'"):
+        PackedNMLinear.from_dense(w, None, 2, 4, mask=mask, backend="fast")
