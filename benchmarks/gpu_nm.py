@@ -43,6 +43,9 @@ PREFILL = (8192, 4096, 4096)  # tokens, in, out
 DECODE_WEIGHTS = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in)
 DECODE_TOKENS = (1, 4, 16)
 DECODE_TARGET = {(2, 4): 1.2, (1, 8): 1.5}
+# GEMV tiles tried beside the default, (BLOCK_K, BLOCK_O); the best goes in a row of its own,
+# so one GPU run also says how far the default heuristic is from the best of these.
+GEMV_SWEEP = ((64, 8), (128, 16), (256, 8), (128, 32), (64, 64))
 L2_BYTES = 256 << 20  # rotate weights over at least this much memory (several times any L2)
 
 Timer = Callable[[Callable[[int], object], int], float]  # timer(fn(i), copies) -> ms per call
@@ -99,6 +102,10 @@ class _Weights:
     def triton(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return triton_nm.nm_linear(x, self.values[i], self.index[i], self.n, self.m, self.in_f, index_bits(self.m))
 
+    def gemv(self, x: torch.Tensor, i: int, config: dict[str, int]) -> torch.Tensor:
+        return triton_nm.nm_gemv(x, self.values[i], self.index[i], self.n, self.m, self.in_f,
+                                 index_bits(self.m), config=config)
+
 
 def _copies(out_f: int, in_f: int, dtype: torch.dtype, device: str) -> int:
     if not device.startswith("cuda"):
@@ -126,6 +133,25 @@ def _kernel_rows(
             continue
         rows.append(row(f"{label} {name}", timer(fn, copies), "dense F.linear", dense_ms, target, device_note))
     return rows
+
+
+def _gemv_sweep_row(label: str, x: torch.Tensor, weights: _Weights, timer: Timer, copies: int, target: str,
+                    note: str) -> list[dict[str, Any]]:
+    """The best GEMV tile of GEMV_SWEEP at this shape, as one row naming its tile."""
+    sms = triton_nm.gemv_sm_count(x)
+    n_kept = weights.values[0].shape[1]
+    configs = [triton_nm.gemv_config(x.shape[0], weights.dense[0].shape[0], n_kept, weights.n, sms,
+                                     block_k=bk, block_o=bo) for bk, bo in GEMV_SWEEP]
+    configs = [c for c in configs if c["BLOCK_T"] * c["BLOCK_O"] * c["BLOCK_K"] <= 16384]  # registers
+    kernels = {f"triton GEMV BLOCK_K={c['BLOCK_K']} BLOCK_O={c['BLOCK_O']} SPLIT={c['SPLIT']}":
+               (lambda i, c=c: weights.gemv(x, i, c)) for c in configs}
+    rows = _kernel_rows(label, x, weights, kernels, timer, copies, target, note)
+    timed = [r for r in rows if not math.isnan(r["ours_ms"])]
+    if not timed:
+        return rows[:1]  # the first failure says why
+    best = min(timed, key=lambda r: r["ours_ms"])
+    best["what"] = best["what"].replace("triton GEMV", "triton GEMV best of sweep,")
+    return [best]
 
 
 def semi_kernels(weights: _Weights, x: torch.Tensor) -> dict[str, Callable[[int], torch.Tensor]]:
@@ -184,6 +210,7 @@ def decode_rows(deadline: float, *, device: str = "cuda", weights_shapes=DECODE_
                     kernels.update(semi_kernels(weights, x))
                 rows += _kernel_rows(label, x, weights, kernels, timer, copies, target,
                                      f"{copies} weight copies rotated; {note}")
+                rows += _gemv_sweep_row(label, x, weights, timer, copies, target, note)
     return rows
 
 

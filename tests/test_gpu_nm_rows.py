@@ -40,16 +40,23 @@ def test_gpu_rows_without_cuda_is_empty_and_immediate():
 
 
 @needs_triton
-def test_decode_rows_on_cpu():
-    # 2 shapes x 1 pattern x 2 token counts, each: dense then the Triton GEMV
-    times = [2.0, 1.0, 2.0, 4.0, 3.0, 1.5, 3.0, 1.0]
+def test_decode_rows_on_cpu(monkeypatch):
+    monkeypatch.setattr(gpu_nm, "GEMV_SWEEP", ((16, 4), (32, 2)))
+    # per (shape, tokens): dense, default GEMV; then the sweep: dense, two tiles
+    times = [2.0, 1.0, 2.0, 4.0, 0.5,
+             2.0, 4.0, 2.0, 1.0, 3.0,
+             3.0, 1.5, 3.0, 3.0, 3.0,
+             3.0, 1.0, 3.0, 6.0, 6.0]
     rows = gpu_nm.decode_rows(time.perf_counter() + 600, device="cpu", weights_shapes=((24, 32), (8, 48)),
                               tokens_list=(1, 5), patterns=((1, 8),), timer=_fake_timer(times),
                               dtype=torch.float32)
-    assert len(rows) == 4 and all(set(r) == KEYS for r in rows)
-    assert [r["ratio"] for r in rows] == [2.0, 0.5, 2.0, 3.0]
-    assert rows[0]["what"] == "decode N:M 1:8 T=1 W[24x32] float32 triton GEMV"
-    assert rows[0]["target"] == ">= 1.5" and "cpu" in rows[0]["note"]
+    assert len(rows) == 8 and all(set(r) == KEYS for r in rows)
+    main, sweep = rows[0::2], rows[1::2]
+    assert [r["ratio"] for r in main] == [2.0, 0.5, 2.0, 3.0]
+    assert main[0]["what"] == "decode N:M 1:8 T=1 W[24x32] float32 triton GEMV"
+    assert main[0]["target"] == ">= 1.5" and "cpu" in main[0]["note"]
+    assert [r["ratio"] for r in sweep] == [4.0, 2.0, 1.0, 0.5]  # the faster tile of each pair
+    assert "best of sweep, BLOCK_K=32 BLOCK_O=2" in sweep[0]["what"]
 
 
 @needs_triton

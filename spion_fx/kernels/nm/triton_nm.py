@@ -206,14 +206,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemv_config(tokens: int, out: int, n_kept: int, n: int, sms: int) -> dict[str, int]:
+def gemv_config(tokens: int, out: int, n_kept: int, n: int, sms: int, *, block_k: int | None = None,
+                block_o: int | None = None) -> dict[str, int]:
     """Tile sizes and split-K of the decode kernel. The [BLOCK_T, BLOCK_O, BLOCK_K] gather lives in
     registers, so its volume is capped (8192 fp32 over 4 warps); BLOCK_K spans whole groups and
     at least 64 kept values so a row's loads are ≥ 128-byte bf16 transactions; split-K is added
-    until there are about four programs per SM."""
+    until there are about four programs per SM. ``block_k`` / ``block_o`` override the defaults
+    (benchmarks/gpu_nm.py sweeps them)."""
     block_t = min(_next_pow2(tokens), 16)
-    block_k = max(64, _next_pow2(n))
-    block_o = max(1, min(64, 8192 // (block_t * block_k)))
+    block_k = max(block_k or 64, _next_pow2(n))
+    block_o = block_o or max(1, min(64, 8192 // (block_t * block_k)))
     programs = -(-out // block_o) * -(-tokens // block_t)
     chunks = -(-n_kept // block_k)
     split = max(1, min(chunks, -(-4 * sms // programs)))
@@ -221,6 +223,10 @@ def gemv_config(tokens: int, out: int, n_kept: int, n: int, sms: int) -> dict[st
     split = -(-n_kept // k_per_split)
     return {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_K": block_k, "SPLIT": split,
             "k_per_split": k_per_split}
+
+
+def gemv_sm_count(x: Tensor) -> int:
+    return _sm_count(x.device.index or 0) if x.is_cuda and not interpreting() else 4
 
 
 def nm_gemv(
@@ -234,8 +240,7 @@ def nm_gemv(
     if values.stride(1) != 1 or index_bytes.stride(1) != 1:
         raise ValueError("values and index_bytes must be row-contiguous")
     x = x.contiguous()
-    sms = _sm_count(x.device.index or 0) if x.is_cuda and not interpreting() else 4
-    cfg = dict(config or gemv_config(tokens, out, n_kept, n, sms))
+    cfg = dict(config or gemv_config(tokens, out, n_kept, n, gemv_sm_count(x)))
     k_per_split = cfg.pop("k_per_split")
     split = cfg["SPLIT"]
     y = torch.zeros(tokens, out, device=x.device, dtype=torch.float32) if split > 1 else (
