@@ -121,7 +121,7 @@ class Net(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["srste", "mdgf", "sdgf", "mst"])
-def test_finalize(method):
+def test_finalize(method, tmp_path):
     torch.manual_seed(0)
     net = Net()
     policy = LinearPolicy(method=method, n=1, m=8, sdgf_schedule="stepwise", total_steps=10,
@@ -144,7 +144,7 @@ def test_finalize(method):
         ref = sites["odd"](h, net.odd.weight, net.odd.bias)
     net.spion_state = nn.Module()
     net.spion_state.linear = ctl
-    done = finalize(net, mode="memory")
+    done = finalize(net, mode="memory", cache=tmp_path / "kernels.json")
     with torch.no_grad():
         out = net(x)
     if method == "mdgf":  # α = 0 after the schedule: binary mask, same function
