@@ -18,7 +18,11 @@ faster than the baseline), stopping early once ``time.perf_counter() > deadline`
 Every kernel's output is checked against the dense masked product before it is timed; one that
 disagrees gets a row saying so instead of a time. On a machine without CUDA it returns [].
 
-    python benchmarks/gpu_nm.py   # prints the rows
+Sections run most telling first and only when the time they need is left (the train-step rows
+need minutes of compilation): decode at 4096 × 4096, prefill, mask refresh, the other decode
+shapes, the tile sweep, the training step. Run alone for all of them:
+
+    python benchmarks/gpu_nm.py   # prints the rows (minutes: three GPT-2 models compile)
 """
 
 from __future__ import annotations
@@ -192,7 +196,10 @@ def prefill_rows(deadline: float, *, device: str = "cuda", shape=PREFILL, patter
 
 def decode_rows(deadline: float, *, device: str = "cuda", weights_shapes=DECODE_WEIGHTS,
                 tokens_list=DECODE_TOKENS, patterns=((2, 4), (1, 8)), timer: Timer = cuda_ms,
-                dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+                dtype: torch.dtype = torch.bfloat16, sweep: bool = True,
+                sweep_only: bool = False) -> list[dict[str, Any]]:
+    """Decode rows: the default GEMV (and cuSPARSELt at 2:4) vs dense, then (``sweep``) the best
+    tile of GEMV_SWEEP; ``sweep_only`` gives just the sweep rows."""
     note = _device_note(device)
     rows = []
     for out_f, in_f in weights_shapes:
@@ -205,12 +212,14 @@ def decode_rows(deadline: float, *, device: str = "cuda", weights_shapes=DECODE_
             for tokens in tokens_list:
                 x = torch.randn(tokens, in_f, device=device, dtype=dtype)
                 label = f"decode N:M {n}:{m} T={tokens} W[{out_f}x{in_f}] {str(dtype)[6:]}"
-                kernels = {"triton GEMV": lambda i, x=x, w=weights: w.triton(x, i)}
-                if (n, m) == (2, 4):
-                    kernels.update(semi_kernels(weights, x))
-                rows += _kernel_rows(label, x, weights, kernels, timer, copies, target,
-                                     f"{copies} weight copies rotated; {note}")
-                rows += _gemv_sweep_row(label, x, weights, timer, copies, target, note)
+                if not sweep_only:
+                    kernels = {"triton GEMV": lambda i, x=x, w=weights: w.triton(x, i)}
+                    if (n, m) == (2, 4):
+                        kernels.update(semi_kernels(weights, x))
+                    rows += _kernel_rows(label, x, weights, kernels, timer, copies, target,
+                                         f"{copies} weight copies rotated; {note}")
+                if sweep or sweep_only:
+                    rows += _gemv_sweep_row(label, x, weights, timer, copies, target, note)
     return rows
 
 
@@ -279,18 +288,33 @@ def _device_note(device: str) -> str:
     return f"{device}, torch {torch.__version__}"
 
 
+# (section, seconds it needs to be worth starting): most telling rows first, since the suite may
+# give this module well under a minute; compiling three GPT-2 models for the step rows takes minutes.
+def _plan() -> list[tuple[Callable[[float], list[dict[str, Any]]], float]]:
+    square, rest = DECODE_WEIGHTS[:1], DECODE_WEIGHTS[1:]
+    return [
+        (lambda d: decode_rows(d, weights_shapes=square, sweep=False), 0.0),
+        (prefill_rows, 10.0),
+        (mask_rows, 3.0),
+        (lambda d: decode_rows(d, weights_shapes=rest, sweep=False), 5.0),
+        (lambda d: decode_rows(d, sweep_only=True), 30.0),
+        (train_step_rows, 240.0),
+    ]
+
+
 def gpu_rows(deadline: float) -> list[dict[str, Any]]:
-    """All rows above, on CUDA; [] without CUDA."""
+    """All rows above, on CUDA, as many as fit before ``deadline`` (``time.perf_counter()``, which
+    on Linux reads the same CLOCK_MONOTONIC as ``time.monotonic``); [] without CUDA."""
     if not torch.cuda.is_available():
         return []
     rows: list[dict[str, Any]] = []
-    for section in (decode_rows, prefill_rows, mask_rows, train_step_rows):
-        if time.perf_counter() > deadline:
-            break
+    for section, needs_s in _plan():
+        if deadline - time.perf_counter() < max(needs_s, 0.0) or time.perf_counter() > deadline:
+            continue
         try:
             rows += section(deadline)
         except Exception as exc:  # one section failing must not lose the others' rows
-            print(f"[gpu_nm] {section.__name__} failed: {exc}")
+            print(f"[gpu_nm] a section failed: {exc}")
     return rows
 
 

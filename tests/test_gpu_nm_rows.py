@@ -105,3 +105,31 @@ def test_mask_rows_on_cpu():
     rows = gpu_nm.mask_rows(time.perf_counter() + 600, device="cpu", shapes=((8, 16),),
                             timer=_fake_timer([1.0, 3.0]))
     assert len(rows) == 1 and set(rows[0]) == KEYS and rows[0]["ratio"] == 3.0
+
+
+def test_gpu_rows_runs_what_fits_and_survives_a_failing_section(monkeypatch):
+    ran = []
+
+    def section(name, fail=False):
+        def run(deadline):
+            ran.append(name)
+            if fail:
+                raise RuntimeError("boom")
+            return [{"what": name}]
+        return run
+
+    plan = [(section("decode"), 0.0), (section("prefill", fail=True), 1.0), (section("mask"), 2.0),
+            (section("train"), 1e6)]
+    monkeypatch.setattr(gpu_nm, "_plan", lambda: plan)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rows = gpu_nm.gpu_rows(time.perf_counter() + 60)
+    assert ran == ["decode", "prefill", "mask"]  # train needs more time than is left
+    assert [r["what"] for r in rows] == ["decode", "mask"]
+    ran.clear()
+    assert gpu_nm.gpu_rows(time.perf_counter() - 1) == [] and ran == []
+
+
+def test_plan_puts_the_telling_rows_first():
+    plan = gpu_nm._plan()
+    assert plan[-1] == (gpu_nm.train_step_rows, 240.0)
+    assert plan[0][1] == 0.0 and all(need >= 0 for _, need in plan)
