@@ -183,3 +183,29 @@ def test_per_head_patterns():
     with torch.no_grad():
         out = _output(model(**kwargs))
     assert torch.isfinite(out).all()
+
+
+def test_llama_gqa_under_bf16_autocast_through_the_switch():
+    """HF Llama's rotary embedding gives float32 q/k next to a bf16 v under autocast; the sparse
+    site casts them as SDPA would (the autocast dtype) instead of refusing mixed dtypes."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+        attention_dropout=0.1, use_cache=False, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    spion_fx.sparsify(model, "spion-cf", optimizer=opt, inner="eager", block_size=BLOCK,
+                      probe_interval=2, quantile=0.6, max_dense_steps=3)
+    ids = torch.randint(1, 64, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, -5:] = 0
+    for _ in range(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+    assert all(s.phase == "sparse" for s in model.spion_state.attention_sites())

@@ -249,6 +249,7 @@ class AttentionSiteModule(nn.Module):
         if mask is not None and self.spec.mask_kind != "none":
             key_padding = _key_padding(mask, self.spec.mask_kind, q.shape[0])
         local = self.policy.hsa_local if self.policy.hsa_mode == "local+strided" else 0
+        q, k, v = _common_dtype(q, k, v)
         return hybrid_sparse_attention(
             q, k, v, stride=self.policy.hsa_stride, local=local, scale=scale,
             key_padding_mask=key_padding, dropout_p=self._dropout_p(),
@@ -257,6 +258,7 @@ class AttentionSiteModule(nn.Module):
     def _sparse(self, q, k, v, mask, scale):
         from spion_fx.kernels import block_sparse_attention
 
+        q, k, v = _common_dtype(q, k, v)
         lq, lk = q.shape[-2], k.shape[-2]
         layout = self._layout(lq, lk)
         key_padding = None
@@ -305,6 +307,18 @@ class AttentionSiteModule(nn.Module):
         if nq != nk:
             raise ValueError(f"site {self.spec.name!r}: block-sparse attention needs Lq == Lk blocks")
         return torch.stack([resize_pattern(p, nq) for p in pattern])
+
+
+def _common_dtype(q, k, v):
+    """q, k, v in one dtype, as SDPA would see them: the autocast dtype under autocast (SDPA is
+    on autocast's lower-precision list), else their promoted type. HF Llama's rotary embedding
+    hands over float32 q/k next to a bf16 v under autocast; the block-sparse ops want one dtype."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _apply_mask(scores, mask, kind: str, fill_value: float | None):
