@@ -166,7 +166,9 @@ def semi_kernels(weights: _Weights, x: torch.Tensor) -> dict[str, Callable[[int]
             continue
         compressed = [semi_structured.compress(kind, w) for w in weights.dense]
         out_f = weights.dense[0].shape[0]
-        found[kind] = lambda i, c=compressed, kind=kind, out_f=out_f: semi_structured.linear(kind, x, c[i], None, out_f)
+        alg = semi_structured.search_alg(compressed[0], x, None) if kind == "cusparselt" else 0
+        found[kind] = (lambda i, c=compressed, kind=kind, out_f=out_f, alg=alg:
+                       semi_structured.linear(kind, x, c[i], None, out_f, alg))
     return found
 
 

@@ -171,3 +171,13 @@ def test_semi_structured_backends_say_why_not_on_cpu(backend):
     torch.testing.assert_close(layer(x), F.linear(x, w))
     with pytest.raises(ValueError, match="backend='fast'"):
         PackedNMLinear.from_dense(w, None, 2, 4, mask=mask, backend="fast")
+
+
+def test_cusparselt_dense_operand_is_padded_and_transposed():
+    from spion_fx.kernels.nm import semi_structured
+
+    x = torch.randn(5, 32)
+    xt, tokens = semi_structured._dense_operand(x)
+    assert tokens == 5 and xt.shape == (32, 16) and torch.equal(xt[:, :5], x.t()) and not xt[:, 5:].any()
+    assert semi_structured._dense_operand(torch.randn(32, 8))[0].shape == (8, 32)
+    assert semi_structured.search_alg(torch.zeros(4), x, None) == 0  # no cuSPARSELt here: default

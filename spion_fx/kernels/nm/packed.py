@@ -129,6 +129,7 @@ class PackedNMLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.backend, self.reason = backend, reason
         self._semi = None  # the compressed weight when backend is cusparselt or cutlass
+        self._alg: dict[int, int] = {}  # cuSPARSELt algorithm per token count, searched on first use
 
     @classmethod
     def from_dense(
@@ -196,8 +197,13 @@ class PackedNMLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         if self.backend in semi_structured.KINDS and self._semi is not None and x.is_cuda:
-            y = semi_structured.linear(self.backend, x.reshape(-1, self.in_features), self._semi,
-                                       self.bias, self.out_features)
+            x2 = x.reshape(-1, self.in_features)
+            alg = 0
+            if self.backend == "cusparselt":
+                alg = self._alg.get(x2.shape[0])
+                if alg is None:
+                    alg = self._alg[x2.shape[0]] = semi_structured.search_alg(self._semi, x2, self.bias)
+            y = semi_structured.linear(self.backend, x2, self._semi, self.bias, self.out_features, alg)
             return y.reshape(*lead, self.out_features)
         if self.backend == "triton" and (x.is_cuda or triton_nm.interpreting()):
             y = triton_nm.nm_linear(

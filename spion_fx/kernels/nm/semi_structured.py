@@ -4,7 +4,8 @@
   cuSPARSELt wants the sparse operand first, so the product computed is W·xᵀ = yᵀ [out, T];
   ``transpose_result=True`` has the library write it back as y [T, out] (no extra transpose
   kernel), and the bias rides along as the per-row bias of W·xᵀ. The token count is padded to the
-  library's minimum dense tile.
+  library's minimum dense tile. The algorithm is searched once per token count (``search_alg``,
+  cuSPARSELt's own timing search) by the caller.
 - ``cutlass``: PyTorch's CUTLASS tensor subclass (``SparseSemiStructuredTensorCUTLASS``) built
   directly, rather than by flipping the global ``_FORCE_CUTLASS`` switch, so nothing else in the
   process changes backend; ``F.linear`` dispatches to its kernel.
@@ -48,12 +49,28 @@ def compress(kind: str, weight: Tensor) -> Tensor:
     return SparseSemiStructuredTensorCUTLASS.from_dense(weight.contiguous())
 
 
-def linear(kind: str, x: Tensor, compressed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def _dense_operand(x: Tensor) -> tuple[Tensor, int]:
+    """xᵀ [in, T'] with T padded to the library's multiple, and T."""
+    tokens = x.shape[0]
+    pad = (-tokens) % _DENSE_MIN_COLS
+    return (F.pad(x, (0, 0, 0, pad)).t() if pad else x.t()), tokens
+
+
+def search_alg(compressed: Tensor, x: Tensor, bias: Tensor | None) -> int:
+    """cuSPARSELt's fastest algorithm for this weight at x's token count (its own timing search;
+    0, the library default, where the search is unavailable)."""
+    xt, _ = _dense_operand(x)
+    try:
+        return int(torch._cslt_sparse_mm_search(compressed, xt, bias=bias, transpose_result=True))
+    except (RuntimeError, AttributeError, TypeError):
+        return 0
+
+
+def linear(kind: str, x: Tensor, compressed: Tensor, bias: Tensor | None, out_features: int,
+           alg_id: int = 0) -> Tensor:
     """y [T, out] = x [T, in] · Wᵀ + b with W in ``compress(kind, ·)`` form."""
     if kind == "cutlass":
         return F.linear(x, compressed, bias)
-    tokens = x.shape[0]
-    pad = (-tokens) % _DENSE_MIN_COLS
-    xt = F.pad(x, (0, 0, 0, pad)).t() if pad else x.t()
-    y = torch._cslt_sparse_mm(compressed, xt, bias=bias, transpose_result=True)
-    return y[:tokens] if pad else y
+    xt, tokens = _dense_operand(x)
+    y = torch._cslt_sparse_mm(compressed, xt, bias=bias, transpose_result=True, alg_id=alg_id)
+    return y[:tokens] if y.shape[0] != tokens else y
