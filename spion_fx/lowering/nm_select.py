@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spion_fx.kernels.cache import writable_cache_dir
 from spion_fx.kernels.nm.packed import PackedNMLinear
 
 DEFAULT_TOKENS = 512  # batched inference / prefill; pass tokens=1..16 to choose for decoding
@@ -124,31 +125,11 @@ def measure_ms(run: Callable[[], object], device: torch.device, reps: int = 5, w
     return statistics.median(samples)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SPION_FX_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "spion_fx"
-
-
-def _writable(directory: Path) -> Path:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if os.access(directory, os.W_OK):
-            return directory
-    except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir()) / f"spion_fx-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
 class TimingCache:
     """Milliseconds per ``LayerKey.entry(kernel)``, persisted as JSON."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else _writable(cache_dir()) / CACHE_FILE
+        self.path = Path(path) if path is not None else writable_cache_dir() / CACHE_FILE
         self.entries = self._read()
 
     def _read(self) -> dict[str, float]:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from spion_fx.kernels.cache import writable_cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "block_sparse_attention.cpp"
 _FLAGS = (
     "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
@@ -48,30 +50,6 @@ _COMPUTE = {
 _KERNEL_ENV = "SPION_FX_CPU_KERNEL"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SPION_FX_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "spion_fx"
-
-
-def _writable(directory: Path) -> Path:
-    """The cache directory, or a per-user temporary one where it cannot be created (a read-only
-    home on a CI runner, say)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if os.access(directory, os.W_OK):
-            return directory
-    except OSError:
-        pass
-    fallback = (
-        Path(tempfile.gettempdir()) / f"spion_fx-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    )
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
 
 
 def _cpu_features() -> str:
@@ -103,7 +81,7 @@ def _build(compiler: str) -> Path:
             x.encode() for x in (SOURCE.read_text(), " ".join(flags), version, _cpu_features())
         )
     ).hexdigest()[:16]
-    target = _writable(_cache_dir()) / f"block_sparse_attention_{key}.so"
+    target = writable_cache_dir() / f"block_sparse_attention_{key}.so"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
