@@ -14,16 +14,16 @@ byte embedding, no position embedding (causal attention needs none for this task
 
 **Protocol.** Every policy trains from the same initial weights on the same batches for the same
 steps; the SPION variants probe every `probe_interval` steps and switch at `switch_step` at the
-latest (`max_dense_steps`); MST's Hybrid Sparse Attention (local+strided, 128/128) runs in the
-window [switch_step, steps) — MST's HSA is a training-time window, so that model is evaluated
-with dense attention. Scored: query accuracy on held-out sequences (a generator of their own).
+latest (`max_dense_steps`); MST's Hybrid Sparse Attention (local+strided, 128/128) runs from
+`switch_step` on — MST's HSA is a training-time window, so that model is evaluated with dense
+attention. Scored: query accuracy on held-out sequences (a generator of their own).
 Per policy also: causal block density, the mass kept on the probe map the pattern was built from
 (what `report()` shows), and — measured right after the switch on held-out sequences, with the
 weights of that moment — the mass the pattern keeps of the model's own softmax maps and the
 density of the best possible pattern keeping that much (`fewest_blocks_for_mass`). Step times:
-medians of steady steps (each phase's first steps, which compile, and probe steps left out);
-`sparse_speedup` is a run's dense-phase median over its sparse-phase median (same process, same
-shapes, so the least noisy ratio on a shared machine).
+after training, one training forward + backward of every trained model, the models' calls
+interleaved (load from other processes hits them alike), medians; and, as a cross-check, each
+run's dense-phase over sparse-phase median process CPU time per step during training.
 
 ``python benchmarks/long_range.py [--quick] [--write]``; ``run(quick)`` returns the rows;
 ``--write`` puts the table into BENCHMARKS.md between its own markers.
@@ -43,7 +43,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, machine_line, markdown_table, print_table  # benchmarks/ is on sys.path
+from common import (  # benchmarks/ is on sys.path
+    ROOT,
+    interleaved_medians,
+    machine_line,
+    markdown_table,
+    print_table,
+)
 from torch import nn
 
 import spion_fx
@@ -153,7 +159,8 @@ def policies(config: RecallConfig) -> dict[str, tuple[str, dict[str, Any]]]:
         "probe_interval": config.probe_interval, "min_dense_steps": 0, "max_dense_steps": config.switch_step,
         "block_size": config.block_size,
     }
-    hsa = {"hsa_window": (config.switch_step, config.steps), "hsa_mode": "local+strided",
+    # The window stays open after training so the timing below measures HSA's steps too.
+    hsa = {"hsa_window": (config.switch_step, config.steps + 10**6), "hsa_mode": "local+strided",
            "hsa_stride": 128, "hsa_local": 128}
     return {
         "dense": ("dense", {}),
@@ -315,7 +322,9 @@ DEMO_COLUMNS = ("policy", "density", "mass_kept_probe", "heldout_mass_kept", "be
 # ---- one training run -------------------------------------------------------------------------
 
 
-def train_policy(config: RecallConfig, name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def train_policy(
+    config: RecallConfig, name: str, preset: str, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], nn.Module]:
     torch.manual_seed(config.seed)
     model = RecallTransformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -366,7 +375,25 @@ def train_policy(config: RecallConfig, name: str, preset: str, overrides: dict[s
         "sparse_speedup": dense_ms / sparse_ms if sparse_ms == sparse_ms else None,
         "sparse_speedup_cpu": dense_cpu / sparse_cpu if sparse_cpu == sparse_cpu else None,
         "wall_s": wall,
-    }
+    }, model
+
+
+def interleaved_step_ms(models: dict[str, nn.Module], config: RecallConfig, reps: int = 10) -> dict[str, float]:
+    """Median ms of one training forward + backward of every trained model, calls interleaved.
+
+    Interleaving puts every model in the same time window, so load from other processes hits
+    them alike: the least noisy comparison between policies on a shared machine.
+    """
+    x, y = recall_batch(config, torch.Generator().manual_seed(config.seed + 3))
+
+    def step(model: nn.Module):
+        def call() -> None:
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            model.zero_grad(set_to_none=True)
+        return call
+
+    medians = interleaved_medians([step(m) for m in models.values()], reps=reps, warmup=2)
+    return {name: 1e3 * t for name, t in zip(models, medians)}
 
 
 def _phase_medians(records: list[StepRecord], config: RecallConfig, attribute: str) -> tuple[float, float]:
@@ -377,20 +404,24 @@ def _phase_medians(records: list[StepRecord], config: RecallConfig, attribute: s
 
 def run(quick: bool = False, config: RecallConfig | None = None) -> list[dict[str, Any]]:
     config = config or (quick_config() if quick else RecallConfig())
-    rows = []
+    rows, models = [], {}
     for name, (preset, overrides) in policies(config).items():
         torch._dynamo.reset()
-        rows.append(train_policy(config, name, preset, overrides))
-        print(f"[long_range] {name}: accuracy {rows[-1]['accuracy']:.3f} ({rows[-1]['wall_s']:.0f} s)", flush=True)
+        row, models[name] = train_policy(config, name, preset, overrides)
+        rows.append(row)
+        print(f"[long_range] {name}: accuracy {row['accuracy']:.3f} ({row['wall_s']:.0f} s)", flush=True)
+    step_ms = interleaved_step_ms(models, config, reps=3 if quick else 10)
     dense = rows[0]
     for row in rows:
         row["accuracy_vs_dense_pts"] = 100.0 * (row["accuracy"] - dense["accuracy"])
+        row["step_ms"] = step_ms[row["policy"]]
+        row["speedup_vs_dense"] = step_ms[dense["policy"]] / step_ms[row["policy"]]
     return rows
 
 
 COLUMNS = ("policy", "accuracy", "accuracy_vs_dense_pts", "density", "mass_kept_probe", "heldout_mass_kept",
            "best_density_same_mass", "density_vs_best", "density_vs_best_with_diagonal", "distinct_patterns",
-           "dense_step_ms", "sparse_step_ms", "sparse_speedup", "sparse_speedup_cpu", "switch_at", "wall_s")
+           "step_ms", "speedup_vs_dense", "sparse_speedup_cpu", "switch_at", "wall_s")
 
 
 def section(rows: list[dict[str, Any]], config: RecallConfig, seconds: float,
@@ -412,9 +443,11 @@ def section(rows: list[dict[str, Any]], config: RecallConfig, seconds: float,
         "`report()` shows; `heldout_*` are measured at the switch on held-out sequences; "
         "`density_vs_best*` divide by the density of the best pattern keeping the same held-out mass (any "
         "blocks / with the diagonal forced, as every pattern here keeps it); `distinct_patterns` counts "
-        "different head patterns (per-head patterns can coincide); `sparse_speedup` is the run's dense-phase "
-        "over sparse-phase median step time (`_cpu`: process CPU time, less inflated by other processes "
-        "on a shared machine). MST's HSA is a training-time window: that model is evaluated with dense "
+        "different head patterns (per-head patterns can coincide); `step_ms` is the median training "
+        "forward + backward of each trained model (sparse phase; HSA window open), all models' calls "
+        "interleaved after training so that load hits them alike, and `speedup_vs_dense` its ratio to "
+        "dense; `sparse_speedup_cpu` is the run's dense-phase over sparse-phase median process CPU time "
+        "per step during training (a cross-check; wall times during training are too noisy here). MST's HSA is a training-time window: that model is evaluated with dense "
         "attention, and its density is the element share of causal keys it keeps.",
         "",
         markdown_table(rows, COLUMNS).rstrip(),
@@ -452,6 +485,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--switch-step", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see main())")
     parser.add_argument("--skip-demo-maps", action="store_true", help="leave out the demo model's held-out maps")
     parser.add_argument("--only-demo-maps", action="store_true", help="only the demo model's held-out maps")
     args = parser.parse_args()
@@ -460,10 +494,12 @@ def main() -> None:
         config = replace(config, steps=args.steps)
     if args.switch_step is not None:
         config = replace(config, switch_step=args.switch_step)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # One thread by default: this model is small, and on a shared 2-core machine two threads spent
+    # most of each step waiting for each other (~0.5 s per step at any L; 75 ms at L=2048 on one).
+    torch.set_num_threads(args.threads)
     print(machine_line())
     start = time.perf_counter()
-    rows = [] if args.only_demo_maps else run(config=config)
+    rows = [] if args.only_demo_maps else run(args.quick, config=config)
     if rows:
         print_table("long-range recall: same model, data, seed and steps", rows, COLUMNS)
     demo_rows = None
