@@ -431,7 +431,7 @@ def section(rows: list[dict[str, Any]], config: RecallConfig, seconds: float,
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     chance = 1.0 / config.values
     lines = [
-        "## Long-range quality (retrieval from far context, CPU)",
+        "## Long-range quality (associative recall, CPU)",
         "",
         f"Measured {stamp} with `python benchmarks/long_range.py --write` in {seconds / 60:.1f} min on "
         f"{machine_line()}.",
