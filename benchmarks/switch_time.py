@@ -1,5 +1,4 @@
-"""The cost of going sparse on CPU: SPION's dense phase against the same model without spion_fx,
-and the stall of the switch itself.
+"""The cost of going sparse on CPU: the dense phase vs the model without spion_fx, and the switch.
 
 Two measurements on the demo model (4 layers, d 128, 2 heads, causal, AdamW, clipping):
 
