@@ -192,8 +192,8 @@ class DemoResult:
 def warm_up_steps(records: list[StepRecord], skip: int) -> list[bool]:
     """Per record, whether it is one of the first `skip` steps of its phase.
 
-    Those include compiling the phase's graph (and, after the switch, re-lowering and building
-    the block layout), so they do not measure steady training.
+    Those include compiling the graph (and, after the switch, building the block layout and
+    the kernel's first-call allocations), so they do not measure steady training.
     """
     seen = {"dense": 0, "sparse": 0}
     flags = []

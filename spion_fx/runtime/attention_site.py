@@ -2,9 +2,9 @@
 
 Dense phase: computes exactly what the original subgraph computed (SDPA call or eager
 matmul→softmax→matmul chain) and, in probe steps, feeds SPION's stability probe. Sparse phase:
-calls the block-sparse attention op with the layer's pattern. Python branches here depend only on
-the phase and the probing flag, which the state folds into its variant key, so the compiler
-lowers each variant once and the step loop never re-lowers.
+calls the block-sparse attention op with the layer's pattern. The module runs eagerly between
+the compiled parts of the graph (lowering/partition.py): it reads its phase and probing flag at
+every call, so a phase change takes effect on the next forward and re-compiles nothing.
 """
 
 from __future__ import annotations

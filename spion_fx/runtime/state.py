@@ -3,8 +3,9 @@
 It is attached to the user's model (``model.spion_state``) so ``state_dict()`` carries patterns,
 phases, probe history, masks and schedule steps, ``.to()`` moves them and DDP sees them. It
 counts steps, tells attention sites when to probe, decides SPION's dense→sparse switch, and
-exposes a variant key: whenever that key changes the backend lowers the graph once more (and
-caches it), so a phase change takes effect on the next forward without per-step re-lowering.
+exposes a variant key (train/eval, grad mode, the linear sites' modes): whenever that key changes
+the backend lowers the graph once more (and caches it). Attention sites run eagerly between the
+compiled parts, so their phases and probe steps are not part of the key.
 """
 
 from __future__ import annotations
