@@ -14,7 +14,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
-export PYTHONPATH=.
+export PYTHONPATH=. TRITON_INTERPRET=0  # compiled Triton (the CPU test runs set 1)
 PY="${PYTHON:-python3}"
 start=$(date +%s)
 
