@@ -406,14 +406,18 @@ def _sites_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="attention layers (spion_fx.report)")
-    for column in ("site", "phase", "switch step", "causal density", "attention FLOPs saved", "note"):
+    columns = ("site", "phase", "switch step", "switch s", "causal density", "mass kept", "attention FLOPs saved", "note")
+    for column in columns:
         table.add_column(column)
     for row in rows:
         if row.get("kind") != "attention":
             continue
+        switch_s, mass = row.get("switch_s"), row.get("mass_kept")
         table.add_row(
             row["site"], row["phase"], "" if row["switch_step"] is None else str(row["switch_step"]),
-            f"{row['density']:.1%}", f"{row['attention_flops_saved']:.1%}", row.get("note", ""),
+            "" if switch_s is None else f"{switch_s:.2f}",
+            f"{row['density']:.1%}", "" if mass is None else f"{mass:.1%}",
+            f"{row['attention_flops_saved']:.1%}", row.get("note", ""),
         )
     return table
 
