@@ -99,12 +99,13 @@ def split_at_sites(gm: fx.GraphModule, site_targets: Iterable[str], compile_fn: 
         return gm
     for node in site_nodes:
         _materialise_grad_views(gm.graph, node)
+    is_site = set(site_nodes)
     partition_of: dict[fx.Node, int] = {}
     part = 0
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
-        if node in site_nodes:
+        if node in is_site:
             part += 1
             partition_of[node] = part
             part += 1
