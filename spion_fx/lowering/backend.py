@@ -249,9 +249,10 @@ class VariantRunner:
         self.compile = inner_compiler(inner)
         self.cache: dict[tuple, Callable[..., Any]] = {}
         self.shapes = []
-        self.attention_targets = [item.target for item in rewritten if isinstance(item.module, AttentionSiteModule)]
+        self.attention_targets = []
         for item in rewritten:
             if isinstance(item.module, AttentionSiteModule):
+                self.attention_targets.append(item.target)
                 q = item.site.q.meta.get("example_value")
                 k = item.site.k.meta.get("example_value")
                 if q is not None and k is not None and q.dim() == 4:

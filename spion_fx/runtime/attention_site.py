@@ -58,8 +58,8 @@ class AttentionSiteModule(nn.Module):
         super().__init__()
         self.spec = spec
         self.policy = policy
-        self.probing = False  # set by SparsityState for probe steps; part of the variant key
-        self.hsa_active = False  # MST's Hybrid Sparse Attention window; part of the variant key
+        self.probing = False  # set by SparsityState for probe steps
+        self.hsa_active = False  # MST's Hybrid Sparse Attention window
         self.register_buffer("phase_code", torch.tensor(PHASE_DENSE, dtype=torch.long))
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("pattern", torch.zeros(0, 0, 0, dtype=torch.bool))
@@ -75,8 +75,8 @@ class AttentionSiteModule(nn.Module):
         # is per head ([0] otherwise). Persistent, so report() after a resume still has them.
         self.register_buffer("mass_kept", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("mass_kept_per_head", torch.zeros(0, dtype=torch.float64))
-        # Python mirrors of the buffers above that forward() branches on: buffers are fake
-        # tensors while the compiler traces, so their values must be read before lowering.
+        # Python mirrors of the buffers above that forward() branches on: reading a buffer's
+        # value at every call would cost a device sync on CUDA.
         self._phase = PHASE_DENSE
         self._mask_code = probe_op.MASK_PADDING
         self._built_layouts: set[tuple[int, int]] = set()  # (nQB, nKB) held in layout buffers
@@ -111,9 +111,6 @@ class AttentionSiteModule(nn.Module):
             return False, "mask is not causal/padding (arbitrary bias or per-head mask)"
         return True, ""
 
-    def variant_key(self) -> tuple:
-        return (self.phase, self.probing, self.hsa_active)
-
     @property
     def supports_hsa(self) -> bool:
         """HSA needs causal self-attention whose mask is known to be causal (+ padding)."""
@@ -145,11 +142,6 @@ class AttentionSiteModule(nn.Module):
         self.phase_code.fill_(PHASE_DENSE)
         self._built_layouts.clear()
         self.sync_from_buffers()
-
-    def prepare_layout(self, q_len: int, kv_len: int) -> None:
-        """Build the block layout for these lengths before the compiler traces forward()."""
-        if self.phase == "sparse" and q_len == kv_len:
-            self._layout(q_len, kv_len)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes.
@@ -274,8 +266,8 @@ class AttentionSiteModule(nn.Module):
     def _layout(self, lq: int, lk: int) -> BlockLayout:
         """The block layout for these lengths, held in non-persistent buffers.
 
-        Buffers (not plain attributes) so that the compiler lifts them as graph inputs; they are
-        built outside tracing by prepare_layout() and only looked up while tracing.
+        Buffers (not plain attributes) so that ``model.to(...)`` moves them with the site; built
+        at the first call for a length (the site runs eagerly, lowering/partition.py).
         """
         bs = self.policy.block_size
         nq, nk = -(-lq // bs), -(-lk // bs)
