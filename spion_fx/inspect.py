@@ -27,6 +27,7 @@ import torch
 
 from spion_fx.lowering.backend import GraphRecord, SpionCompiler
 from spion_fx.policy import Policy
+from spion_fx.reporting import build_report, percent
 from spion_fx.runtime.state import SparsityState
 
 
@@ -92,8 +93,6 @@ def probe_patterns(model: torch.nn.Module, args: tuple, kwargs: dict, policy: Po
 
     Returns {site name: report row} (density, mass kept, per-head mass kept, phase).
     """
-    from spion_fx.reporting import build_report
-
     state = SparsityState(policy).eval()
     compiler = SpionCompiler(state, model=model, inner="eager")
     torch._dynamo.reset()
@@ -103,7 +102,7 @@ def probe_patterns(model: torch.nn.Module, args: tuple, kwargs: dict, policy: Po
             compiled(*args, **kwargs)  # creates the sites
             sites = [s for s in state.attention_sites() if s.can_be_sparse[0]]
             for site in sites:
-                site.probing = True  # part of the variant key: the next call lowers a probe variant
+                site.probing = True  # read by the (eagerly run) site at the next call
             compiled(*args, **kwargs)
         for site in sites:
             site.probing = False
@@ -145,10 +144,6 @@ def site_rows(records: list[GraphRecord], patterns: dict[str, dict[str, Any]] | 
     return rows
 
 
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{value:.1%}"
-
-
 def _shape(node: Any) -> list[int] | None:
     value = getattr(node, "meta", {}).get("example_value")
     return list(value.shape) if value is not None else None
@@ -172,7 +167,7 @@ def print_text(rows: list[dict[str, Any]], records: list[GraphRecord], breaks: l
             "" if "causal" not in row else str(row["causal"]), row["decision"],
         ]
         if probed:
-            cells += [_percent(row.get("density")), _percent(row.get("mass_kept"))]
+            cells += [percent(row.get("density")), percent(row.get("mass_kept"))]
         table.add_row(*cells)
     console.print(table)
     for reason in breaks:

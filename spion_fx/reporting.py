@@ -86,7 +86,8 @@ def _mass_kept_per_head(site: Any) -> list[float] | None:
     return [float(v) for v in site.mass_kept_per_head]
 
 
-def _percent(value: Any) -> str:
+def percent(value: float | None) -> str:
+    """A share as a table cell ("" when unknown)."""
     return "" if value is None else f"{value:.1%}"
 
 
@@ -112,9 +113,9 @@ COLUMNS: list[tuple[str, Any]] = [
     ("phase / pattern", _phase_cell),
     ("switch step", lambda r: "" if r.get("switch_step") is None else str(r["switch_step"])),
     ("switch s", lambda r: "" if r.get("switch_s") is None else f"{r['switch_s']:.2f}"),
-    ("density", lambda r: _percent(r.get("density"))),
-    ("mass kept", lambda r: _percent(r.get("mass_kept"))),
-    ("saved", lambda r: _percent(r.get("attention_flops_saved"))),
+    ("density", lambda r: percent(r.get("density"))),
+    ("mass kept", lambda r: percent(r.get("mass_kept"))),
+    ("saved", lambda r: percent(r.get("attention_flops_saved"))),
     ("kernel", _kernel_cell),
     ("note", lambda r: str(r.get("note") or r.get("dense_reason") or "")),
 ]
