@@ -150,3 +150,26 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Iterable[st
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     Console(width=max(160, Console().width)).print(table)
+
+
+def rewrite_section(text: str, body: str, begin: str, end: str) -> str:
+    """Replace what lies between the markers (markers kept); append a marked section if absent.
+
+    Everything outside the markers is returned unchanged. Every benchmark that writes
+    BENCHMARKS.md owns one marked section (cpu, gpu, long_range) and writes it with this.
+    """
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    start = text.find(begin)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    stop = text.find(end, start + len(begin))
+    if stop < 0:
+        raise ValueError(f"{begin} has no matching {end}; fix the file by hand")
+    return text[:start] + block + text[stop + len(end):]
+
+
+def marked_section(text: str, begin: str, end: str) -> str:
+    """What lies between the markers ("" when they are absent)."""
+    start = text.find(begin)
+    stop = text.find(end, start + len(begin)) if start >= 0 else -1
+    return text[start + len(begin):stop].strip("\n") + "\n" if stop >= 0 else ""

@@ -55,9 +55,18 @@ for _path in (ROOT, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:  # run as `python benchmarks/gpu_suite.py` without installing
         sys.path.insert(0, str(_path))
 
+from common import rewrite_section as _rewrite_section  # noqa: E402  (benchmarks/ is on sys.path now)
+
 BEGIN_MARKER = "<!-- gpu:begin -->"
 END_MARKER = "<!-- gpu:end -->"
 DEFAULT_BUDGET_S = 330.0
+
+
+def rewrite_section(text: str, body: str, begin: str = BEGIN_MARKER, end: str = END_MARKER) -> str:
+    """common.rewrite_section with this suite's markers."""
+    return _rewrite_section(text, body, begin, end)
+
+
 ROW_KEYS = ("what", "ours_ms", "baseline", "baseline_ms", "ratio", "target", "note")
 
 # Share of the budget by which each section must be done (fractions of the total, from the
@@ -135,21 +144,6 @@ def rows_table(rows: Iterable[dict[str, Any]]) -> str:
                  row.get("ratio"), row.get("target"), target_met(row), row.get("note")]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def rewrite_section(text: str, body: str, begin: str = BEGIN_MARKER, end: str = END_MARKER) -> str:
-    """Replace what lies between the markers (markers kept); append a marked section if absent.
-
-    Everything outside the markers is returned unchanged.
-    """
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    start = text.find(begin)
-    if start < 0:
-        return text.rstrip("\n") + "\n\n" + block + "\n"
-    stop = text.find(end, start + len(begin))
-    if stop < 0:
-        raise ValueError(f"{begin} has no matching {end}; fix the file by hand")
-    return text[:start] + block + text[stop + len(end):]
 
 
 # ---------------------------------------------------------------------------------- budget

@@ -49,6 +49,7 @@ from common import (  # benchmarks/ is on sys.path
     machine_line,
     markdown_table,
     print_table,
+    rewrite_section,
 )
 from torch import nn
 
@@ -471,14 +472,8 @@ def section(rows: list[dict[str, Any]], config: RecallConfig, seconds: float,
 
 def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     """Replace this benchmark's section between its markers (or append it); keep the rest."""
-    block = f"{BEGIN}\n{text}{END}"
     current = path.read_text() if path.exists() else "# spion_fx benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + block + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
+    path.write_text(rewrite_section(current, text, BEGIN, END))
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 import torch.nn.functional as F
-from common import machine_line, markdown_table  # also puts the repository on sys.path
 
 import spion_fx
 from spion_fx.kernels.nm.packed import PackedNMLinear, pack_nm, packed_linear_cpu
@@ -244,17 +244,14 @@ def _print(rows: list[dict]) -> None:
 
 
 def write_section(path: Path, rows: list[dict], seconds: float, quick: bool) -> None:
-    """Replace this benchmark's subsection (``### nm_linear`` up to the next heading or the CPU
-    end marker) in BENCHMARKS.md; the rest of the file is left as it is."""
-    text = path.read_text()
-    head = "### nm_linear"
-    start = text.index(head)
-    ends = [i for i in (text.find("\n### ", start + 1), text.find("<!-- cpu:end -->", start)) if i != -1]
-    end = min(ends)
+    """Replace this benchmark's ``### nm_linear`` subsection of the CPU section in BENCHMARKS.md,
+    as ``run_cpu.py --only nm_linear`` would; the other subsections stay."""
+    from run_cpu import cpu_section
+    from run_cpu import write_section as write_cpu_section
+
     title = (__doc__ or "").strip().splitlines()[0]
-    body = (f"{head}\n\n{title}{' (--quick)' if quick else ''} Machine: {machine_line()}.\n\n"
-            f"{markdown_table(rows).rstrip()}\n\n_{seconds:.0f} s_\n")
-    path.write_text(text[:start] + body + ("\n" if not text[end:].startswith("\n") else "") + text[end:])
+    result = {"name": "nm_linear", "status": "ok", "rows": rows, "seconds": seconds, "title": title}
+    write_cpu_section(path, cpu_section([result], quick))
 
 
 def main() -> None:

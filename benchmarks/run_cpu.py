@@ -17,7 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine_description, markdown_table, print_table
+from common import (
+    ROOT,
+    machine_description,
+    markdown_table,
+    marked_section,
+    print_table,
+    rewrite_section,
+)
 
 BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
 # Kernel-level first, then whole-model: the order the report reads best in.
@@ -90,14 +97,8 @@ def write_section(path: Path, section: str) -> None:
     name, and the other old subsections follow in their order.
     """
     text = path.read_text() if path.exists() else "# spion_fx benchmarks\n"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        old, tail = rest.split(END, 1)
-        section = merge_sections(old, section)
-        text = head + f"{BEGIN}\n{section}{END}" + tail
-    else:
-        text = text.rstrip() + "\n\n" + f"{BEGIN}\n{section}{END}" + "\n"
-    path.write_text(text)
+    old = marked_section(text, BEGIN, END)
+    path.write_text(rewrite_section(text, merge_sections(old, section) if old else section, BEGIN, END))
 
 
 def merge_sections(old: str, new: str) -> str:
