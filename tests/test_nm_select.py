@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_nm_packed import Conv1D  # GPT-2 style [in, out] weight, shared with the packing tests
 from torch import nn
 
 from spion_fx.kernels.nm.packed import PackedNMLinear
@@ -119,16 +120,6 @@ def test_cache_dir_falls_back_when_unwritable(tmp_path, monkeypatch):
     assert cache.path.parent != blocked / "sub" and cache.path.name == nm_select.CACHE_FILE
     cache.put({"k": 1.0})
     assert nm_select.TimingCache(cache.path).get("k") == 1.0
-
-
-class Conv1D(nn.Module):
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.randn(nf))
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
 
 
 class Net(nn.Module):
