@@ -217,6 +217,32 @@ def test_eager_hf_style_mul_scale_additive_mask_dropout():
     ops = [n.target if n.op == "call_method" else getattr(n.target, "__name__", "") for n in site.nodes]
     assert ops == ["transpose", "matmul", "mul", "add", "softmax", "to", "dropout", "matmul"]
     assert site.output is site.nodes[-1]
+    assert site.softmax_dtype is torch.float32  # read once by detection, carried on the site
+
+
+def test_softmax_dtype_read_in_every_spelling():
+    def positional(q, k, v):
+        return torch.softmax(q @ k.mT, -1, torch.float64).to(q.dtype) @ v
+
+    assert one_attention(Fn(positional), *qkv()).softmax_dtype is torch.float64
+    assert one_attention(Fn(lambda q, k, v: torch.softmax(q @ k.mT, -1) @ v), *qkv()).softmax_dtype is None
+    assert one_attention(Fn(F.scaled_dot_product_attention), *qkv()).softmax_dtype is None
+
+
+def test_op_view_reads_einsum_without_detection_imported():
+    """Every spelling is declared in op_view: the census sees einsum whatever was imported first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from spion_fx.passes.attention_census import attention_like_ops\n"
+        "gm = torch.fx.symbolic_trace(lambda a, b: torch.einsum('ij,jk->ik', a, b))\n"
+        "print(attention_like_ops(gm))\n"
+        "import sys; assert 'spion_fx.passes.detect_attention' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "einsum 'ij,jk->ik'" in out.stdout
 
 
 def test_eager_div_by_constant_records_reciprocal():

@@ -203,10 +203,6 @@ def attention_spec(site: AttentionSite) -> AttentionSpec | None:
             return None
         if getattr(site, "scale_is_divisor", False):
             scale = 1.0 / scale
-    softmax_dtype = None
-    for node in site.nodes:
-        if "softmax" in str(node.target) and isinstance(node.kwargs.get("dtype"), torch.dtype):
-            softmax_dtype = node.kwargs["dtype"]
     return AttentionSpec(
         name=site.name,
         form=site.form,
@@ -217,7 +213,7 @@ def attention_spec(site: AttentionSite) -> AttentionSpec | None:
         dropout_p=site.dropout_p,
         dropout_train_only=site.dropout_train_only,
         enable_gqa=site.enable_gqa,
-        softmax_dtype=softmax_dtype,
+        softmax_dtype=site.softmax_dtype,
         cross_attention=site.cross_attention,
         q_len=site.q_len,
         kv_len=site.kv_len,

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from spion_fx.passes.detect_linear import op_call
+from spion_fx.passes.op_view import op_call
 
 
 def _aten_names(*packets: Any) -> dict[Any, str]:

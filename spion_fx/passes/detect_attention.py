@@ -49,15 +49,8 @@ import torch
 import torch.fx as fx
 
 from spion_fx.capture import owning_module
-from spion_fx.passes.detect_linear import (
-    FUNCTION_SPELLINGS,
-    Dim,
-    OpCall,
-    Spelling,
-    match_linear,
-    op_call,
-    shape_of,
-)
+from spion_fx.passes.detect_linear import match_linear
+from spion_fx.passes.op_view import Dim, OpCall, example_value, op_call, shape_of
 from spion_fx.passes.sites import AttentionSite, MaskKind
 
 Facts = dict[str, Any]
@@ -164,8 +157,10 @@ def _read_cast(call: OpCall, chain: str) -> Facts | None:
 
 
 def _read_softmax(call: OpCall, chain: str) -> Facts | None:
-    dim = call.get("dim")
-    return {"softmax_dim": dim} if isinstance(dim, int) else None
+    dim, dtype = call.get("dim"), call.get("dtype")
+    if not isinstance(dim, int):
+        return None
+    return {"softmax_dim": dim, "softmax_dtype": dtype if isinstance(dtype, torch.dtype) else None}
 
 
 def _read_mask(call: OpCall, chain: str) -> Facts | None:
@@ -313,10 +308,6 @@ def _read_einsum_output(call: OpCall, chain: str) -> Facts | None:
     return {"v": call.get("other" if chain == "input" else "input")}
 
 
-# einsum(equation, a, b) with the operands as positionals (the list form is not read): registered
-# in the shared op view so the chain engine walks einsum nodes like any other step.
-FUNCTION_SPELLINGS.setdefault(torch.einsum, Spelling("einsum", ("equation", "input", "other")))
-
 _CASTS = frozenset({"cast"})
 
 EAGER_ATTENTION: tuple[Step, ...] = (
@@ -381,6 +372,7 @@ def _eager_draft(match: list[StepMatch]) -> _Draft | None:
         "form": "eager", "q": q, "k": k, "v": v, **shapes, **mask_fields, **scale_fields,
         "is_causal": False,
         "dropout_p": f.get("dropout_p", 0.0),
+        "softmax_dtype": f["softmax_dtype"],
         "dropout_train_only": True,  # F.dropout(training=...) — Dynamo guards on the flag
     }
     k_t = f["k_t"]
@@ -402,7 +394,7 @@ def _mask_fields(masks: list[tuple[MaskKind, fx.Node, float | None]], scores_sha
 
 
 def _mask_ok(kind: str, mask: Any, scores_shape: tuple) -> bool:
-    value, shape = _example(mask), shape_of(mask)
+    value, shape = example_value(mask), shape_of(mask)
     if value is None or shape is None:
         return False
     if (value.dtype == torch.bool) != (kind != "additive"):
@@ -441,7 +433,7 @@ def _sdpa_draft(call: OpCall) -> _Draft | None:
     if mask is None:
         mask_fields = {"mask": None, "mask_kind": "none", "mask_fill_value": None, "extra_masks": []}
     else:
-        value = _example(mask)
+        value = example_value(mask)
         if value is None or not isinstance(mask, fx.Node):
             return None
         mask_fields = {"mask": mask, "mask_kind": "bool_keep" if value.dtype == torch.bool else "additive",
@@ -458,10 +450,6 @@ def _sdpa_draft(call: OpCall) -> _Draft | None:
 
 # ---------------------------------------------------------------------------------------------
 # Shapes, heads, GQA
-
-
-def _example(node: Any) -> Any:
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def _attention_shapes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.fx as fx
 
 # How the attention mask enters the scores:
@@ -63,6 +64,9 @@ class AttentionSite:
     # repeat_interleave, `k`/`v` are the un-repeated [B, H_kv, S, D] tensors, enable_gqa is True
     # and these are the repeat nodes (dead once the site is rewritten).
     kv_repeat_nodes: list[fx.Node] = field(default_factory=list)
+    # The dtype an eager chain's softmax computes in (softmax(..., dtype=torch.float32)), read
+    # once by detection from the softmax call; None without one, and always for SDPA.
+    softmax_dtype: torch.dtype | None = None
 
     @property
     def kind(self) -> str:
