@@ -12,18 +12,23 @@ Times are cached on disk, one JSON file under ``$SPION_FX_CACHE_DIR`` (else
 ``$XDG_CACHE_HOME/spion_fx`` or ``~/.cache/spion_fx``; a per-user temporary directory where that
 cannot be written), keyed by device name, torch version, shape, dtype, N:M, token count and
 kernel, so a model is measured once per machine and shape. Writes are atomic (temporary file +
-rename) and merge with what other processes wrote meanwhile. Tests inject times with ``timer=``
+rename, mode 0600) and merge with what other processes wrote meanwhile. The file is read as data
+and checked (``TimingCache``): one another user could have written, or that is not a JSON object
+of times, is ignored with a warning, never an error. Tests inject times with ``timer=``
 (a callable, which bypasses the cache) or by pointing ``cache=`` at a prepared file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import stat
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spion_fx.kernels.cache import writable_cache_dir
+from spion_fx.kernels.cache import permission_problem, writable_cache_dir
 from spion_fx.kernels.nm.packed import PackedNMLinear
 
 DEFAULT_TOKENS = 512  # batched inference / prefill; pass tokens=1..16 to choose for decoding
@@ -126,7 +131,12 @@ def measure_ms(run: Callable[[], object], device: torch.device, reps: int = 5, w
 
 
 class TimingCache:
-    """Milliseconds per ``LayerKey.entry(kernel)``, persisted as JSON."""
+    """Milliseconds per ``LayerKey.entry(kernel)``, persisted as JSON.
+
+    The file is read as data only and checked: one that is not a regular file owned by this user,
+    is group- or world-writable, is not JSON, or is not an object of finite non-negative numbers,
+    is ignored with a warning (once per file and reason) and overwritten by the next ``put``.
+    Written with mode 0600 (its directory, when created here, 0700)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else writable_cache_dir() / CACHE_FILE
@@ -134,10 +144,56 @@ class TimingCache:
 
     def _read(self) -> dict[str, float]:
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = self._read_text()
+        except FileNotFoundError:
             return {}
-        return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        except (OSError, _Untrusted) as exc:
+            self._warn(str(exc))
+            return {}
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            self._warn(f"not valid JSON: {str(exc)[:100]}")
+            return {}
+        if not isinstance(data, dict):
+            self._warn(f"expected a JSON object, got {type(data).__name__}")
+            return {}
+        for key, value in data.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                self._warn(f"entry {key[:80]!r} is {str(value)[:40]!r}, not a time in ms")
+                return {}
+        return {k: float(v) for k, v in data.items()}
+
+    def _read_text(self) -> str:
+        """The file's text, checked on the open descriptor (so what is checked is what is read)."""
+        nonblock = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted here must not block the reader
+        fd = os.open(self.path, os.O_RDONLY | nonblock)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise _Untrusted(f"{self.path} is not a regular file")
+            problem = permission_problem(self.path, st)
+            if problem is not None:
+                raise _Untrusted(problem)
+            if st.st_size > _MAX_CACHE_BYTES:
+                raise _Untrusted(f"{self.path} is {st.st_size} bytes, more than a timing cache holds")
+            return f.read(_MAX_CACHE_BYTES + 1).decode("utf-8")
+
+    def _warn(self, why: str) -> None:
+        if (str(self.path), why) in _WARNED:
+            return
+        _WARNED.add((str(self.path), why))
+        warnings.warn(
+            f"spion_fx: ignoring the N:M timing cache {self.path} ({why}); kernels are measured "
+            "again and the file rewritten",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def get(self, entry: str) -> float | None:
         return self.entries.get(entry)
@@ -148,13 +204,21 @@ class TimingCache:
         merged = {**self._read(), **self.entries, **new}
         self.entries = merged
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".nm_kernels.", suffix=".json")
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w") as f:  # mkstemp's file is 0600
                 json.dump(merged, f, indent=0, sort_keys=True)
             os.replace(tmp, self.path)
         except OSError:  # a cache that cannot be written only costs re-measuring next time
             pass
+
+
+class _Untrusted(Exception):
+    """A timing cache file that another user could have written."""
+
+
+_MAX_CACHE_BYTES = 16 << 20
+_WARNED: set[tuple[str, str]] = set()
 
 
 def _agrees(y: Tensor, ref: Tensor) -> bool:

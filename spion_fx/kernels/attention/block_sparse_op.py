@@ -258,6 +258,7 @@ def _validate(
     if h % k.shape[1] != 0:
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({k.shape[1]})")
     lk = k.shape[2]
+    _check_layout_halves(layout)
     bs = layout.block_size
     if layout.num_heads not in (1, h):
         raise ValueError(f"layout must have 1 or {h} heads (H'), got {layout.num_heads}")
@@ -285,6 +286,18 @@ def _validate(
         raise ValueError(f"compat must be None or 'spion', got {compat!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def _check_layout_halves(layout: BlockLayout) -> None:
+    """A layout whose kv rows and q columns disagree would train with the backward of another
+    pattern: refused. Layouts from ``BlockLayout.from_dense`` (and the sites' layouts, built around
+    its tensors) are verified by construction, so this costs no device sync; a hand-built one is
+    read once and remembered. While tracing the data cannot be read: the eager calls check."""
+    if torch.compiler.is_compiling() or layout.is_verified:
+        return
+    if layout.kv_num_blocks.device.type == "meta" or _is_traced(*layout._tensors()):
+        return
+    layout.check()
 
 
 def _shape(t: object) -> str:

@@ -5,13 +5,25 @@ by all samples): for each query block row, the number of kv blocks it attends to
 indices; and the transpose (for each kv block, the query blocks that read it), which the backward
 pass walks to produce dK/dV without atomics. H' is 1 (one pattern shared by all heads, as SPION)
 or the number of heads (per-head patterns).
+
+The two halves must describe the same blocks: the backward pass reads the transpose, so a layout
+whose halves disagree would compute dK/dV for other blocks than the forward used. Layouts built by
+``from_dense``, ``diagonal`` and ``lower_triangular`` agree by construction and are marked
+verified (as are their tensors, so a layout rebuilt around the same tensors is too); a layout
+built by hand is checked once by ``check()`` (the public op calls it) and the result is kept.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+# kv_num_blocks tensor -> (weak refs to the other three tensors, their versions) of layouts known
+# to be consistent: an attention site rebuilds its BlockLayout around the same buffers each call.
+_VERIFIED = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class BlockLayout:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         kv_num, kv_idx = _compress_rows(block_mask)
         q_num, q_idx = _compress_rows(block_mask.transpose(1, 2))
-        return cls(kv_num, kv_idx, q_num, q_idx, int(block_size))
+        return cls(kv_num, kv_idx, q_num, q_idx, int(block_size))._mark_verified()
 
     @classmethod
     def diagonal(cls, n_blocks: int, block_size: int, device=None) -> BlockLayout:
@@ -70,7 +82,7 @@ class BlockLayout:
         ``from_dense(torch.eye(n_blocks))``)."""
         ones = torch.ones(1, n_blocks, dtype=torch.int32, device=device)
         index = torch.arange(n_blocks, dtype=torch.int32, device=device).view(1, n_blocks, 1)
-        return cls(ones, index, ones.clone(), index.clone(), int(block_size))
+        return cls(ones, index, ones.clone(), index.clone(), int(block_size))._mark_verified()
 
     @classmethod
     def lower_triangular(cls, n_blocks: int, block_size: int, device=None) -> BlockLayout:
@@ -82,7 +94,8 @@ class BlockLayout:
         q_num = (n_blocks - i).view(1, -1)
         q_idx = i.view(-1, 1) + i.view(1, -1)  # column c: c, c+1, ..., n-1
         q_idx = torch.where(q_idx < n_blocks, q_idx, zero)
-        return cls(kv_num, kv_idx.unsqueeze(0).contiguous(), q_num, q_idx.unsqueeze(0).contiguous(), int(block_size))
+        layout = cls(kv_num, kv_idx.unsqueeze(0).contiguous(), q_num, q_idx.unsqueeze(0).contiguous(), int(block_size))
+        return layout._mark_verified()
 
     def to_dense(self) -> torch.Tensor:
         """Boolean block grid [H', nQB, nKB]."""
@@ -96,13 +109,136 @@ class BlockLayout:
         return grid[..., :nkb]
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        return BlockLayout(
+        moved = BlockLayout(
             self.kv_num_blocks.to(device),
             self.kv_indices.to(device),
             self.q_num_blocks.to(device),
             self.q_indices.to(device),
             self.block_size,
         )
+        return moved._mark_verified() if self.is_verified else moved
+
+    # ---- consistency ------------------------------------------------------------------------
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.kv_num_blocks, self.kv_indices, self.q_num_blocks, self.q_indices
+
+    def _versions(self) -> tuple[int, ...] | None:
+        """In-place version counters of the four tensors (an in-place edit undoes a verification);
+        None for inference tensors, which keep none."""
+        try:
+            return tuple(t._version for t in self._tensors())
+        except (RuntimeError, AttributeError):
+            return None
+
+    def _mark_verified(self) -> BlockLayout:
+        if torch.compiler.is_compiling():  # traced: nothing to remember (the op checks eagerly)
+            return self
+        versions = self._versions()
+        object.__setattr__(self, "_verified_versions", versions)
+        kv_num, *others = self._tensors()
+        try:
+            _VERIFIED[kv_num] = (tuple(weakref.ref(t) for t in others), versions)
+        except TypeError:  # a tensor subclass without weak references: the flag alone
+            pass
+        return self
+
+    @property
+    def is_verified(self) -> bool:
+        """Whether the two halves are known to agree (by construction or by ``check()``), without
+        looking at the data: no device synchronization."""
+        versions = self.__dict__.get("_verified_versions", _UNSET)
+        if versions is _UNSET:
+            entry = _VERIFIED.get(self.kv_num_blocks)
+            if entry is None:
+                return False
+            refs, versions = entry
+            if any(r() is not t for r, t in zip(refs, self._tensors()[1:])):
+                return False
+        return versions == self._versions()
+
+    def check(self) -> None:
+        """Raise ValueError, naming what disagrees, unless the two halves (kv rows
+        ``kv_num_blocks``/``kv_indices``, q columns ``q_num_blocks``/``q_indices``) are well-formed
+        and describe the same blocks. Reads the data once per layout (on CUDA, one copy to the
+        host); the result is kept, and verified layouts return at once."""
+        if self.is_verified:
+            return
+        _check_consistent(self)
+        self._mark_verified()
+
+
+_UNSET = object()
+
+
+def _check_consistent(layout: BlockLayout) -> None:
+    names = ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")
+    tensors = layout._tensors()
+    for name, t, dim in zip(names, tensors, (2, 3, 2, 3)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"BlockLayout.{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != dim:
+            raise ValueError(f"BlockLayout.{name} must be {dim}-D, got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"BlockLayout.{name} must be an integer tensor, got {t.dtype}")
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"BlockLayout.{name} is on {t.device} but kv_num_blocks is on {tensors[0].device}"
+            )
+    if isinstance(layout.block_size, bool) or not isinstance(layout.block_size, int) or layout.block_size < 1:
+        raise ValueError(f"BlockLayout.block_size must be a positive int, got {layout.block_size!r}")
+    kv_num, kv_idx, q_num, q_idx = (t.detach().to("cpu", torch.int64) for t in tensors)
+    heads = {name: t.shape[0] for name, t in zip(names, tensors)}
+    if len(set(heads.values())) != 1:
+        raise ValueError(f"BlockLayout halves disagree on the number of heads H': {heads}")
+    if kv_num.shape[1] != kv_idx.shape[1]:
+        raise ValueError(
+            f"BlockLayout kv rows disagree: kv_num_blocks has {kv_num.shape[1]} query-block rows, "
+            f"kv_indices {kv_idx.shape[1]}"
+        )
+    if q_num.shape[1] != q_idx.shape[1]:
+        raise ValueError(
+            f"BlockLayout q columns disagree: q_num_blocks has {q_num.shape[1]} kv-block columns, "
+            f"q_indices {q_idx.shape[1]}"
+        )
+    nqb, nkb = kv_num.shape[1], q_num.shape[1]
+    rows = _half_grid(kv_num, kv_idx, nkb, "kv rows", "kv_num_blocks", "kv_indices", "kv")
+    cols = _half_grid(q_num, q_idx, nqb, "q columns", "q_num_blocks", "q_indices", "q")
+    differ = rows != cols.transpose(1, 2)
+    if bool(differ.any()):
+        h, i, j = (int(x) for x in differ.nonzero()[0])
+        kept, dropped = ("kv rows", "q columns") if bool(rows[h, i, j]) else ("q columns", "kv rows")
+        raise ValueError(
+            f"BlockLayout halves disagree: the {kept} keep block (head {h}, q block {i}, kv block "
+            f"{j}) but the {dropped} do not (differing blocks: {int(differ.sum())}); the kv rows are "
+            "kv_num_blocks/kv_indices, the q columns their transpose q_num_blocks/q_indices "
+            "(BlockLayout.from_dense builds both)"
+        )
+
+
+def _half_grid(num, idx, ncols, half, num_name, idx_name, what) -> torch.Tensor:
+    """The bool grid [H, rows, ncols] one half describes, after checking its counts and indices:
+    counts in [0, width], kept indices in [0, ncols) and strictly ascending."""
+    width = idx.shape[2]
+    if num.numel() and (int(num.min()) < 0 or int(num.max()) > width):
+        raise ValueError(
+            f"BlockLayout {half}: {num_name} must be in [0, {width}] (the width of {idx_name}), "
+            f"got [{int(num.min())}, {int(num.max())}]"
+        )
+    valid = torch.arange(width) < num.unsqueeze(-1)
+    kept = idx[valid]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= ncols):
+        other = "kv" if what == "kv" else "query"
+        raise ValueError(
+            f"BlockLayout {half}: {idx_name} must be in [0, {ncols}) ({ncols} {other} blocks), "
+            f"got [{int(kept.min())}, {int(kept.max())}]"
+        )
+    if width > 1:
+        rising = idx[..., 1:] > idx[..., :-1]
+        if not bool((rising | ~valid[..., 1:]).all()):
+            raise ValueError(f"BlockLayout {half}: {idx_name} must be strictly ascending in each row")
+    grid = torch.zeros(*num.shape, ncols + 1, dtype=torch.bool)
+    grid.scatter_(2, torch.where(valid, idx, torch.full_like(idx, ncols)).clamp(0, ncols), True)
+    return grid[..., :ncols]
 
 
 def _compress_rows(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

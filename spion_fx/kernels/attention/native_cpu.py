@@ -1,7 +1,9 @@
 """The native CPU block-sparse attention kernel (``csrc/block_sparse_attention.cpp``).
 
-Built on first use with the system C++ compiler into a per-user cache and loaded with ctypes:
-plain C++ with no PyTorch headers compiles in about a second. Its GEMMs call the BLAS that
+Built on first use with the system C++ compiler into a per-user cache and loaded with ctypes;
+plain C++ with no PyTorch headers compiles in about a second. Only a regular file owned by this
+user, that no one else can write, in a private cache directory (``kernels/cache.py``) is loaded;
+a cached entry that is not is rebuilt, with a warning. Its GEMMs call the BLAS that
 PyTorch itself links (``sgemm_``/``dgemm_`` looked up in libtorch_cpu), its threads are
 PyTorch's OpenMP pool (``torch.get_num_threads()``).
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from spion_fx.kernels.cache import writable_cache_dir
+from spion_fx.kernels.cache import file_problem, writable_cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "block_sparse_attention.cpp"
 _FLAGS = (
@@ -82,8 +84,17 @@ def _build(compiler: str) -> Path:
         )
     ).hexdigest()[:16]
     target = writable_cache_dir() / f"block_sparse_attention_{key}.so"
-    if target.exists():
-        return target
+    if os.path.lexists(target):
+        problem = file_problem(target)
+        if problem is None:
+            return target
+        # The directory is private (writable_cache_dir checked it), so the entry is ours to
+        # replace; what it points to or holds is never loaded.
+        warnings.warn(
+            f"spion_fx: not loading the cached native kernel ({problem}); rebuilding it",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
@@ -91,6 +102,7 @@ def _build(compiler: str) -> Path:
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed:\n{result.stderr[-2000:]}")
+        os.chmod(built, 0o700)  # whatever the umask: only this user may replace it
         os.replace(built, target)  # atomic: concurrent builders never load a partial file
     return target
 
@@ -114,7 +126,11 @@ def _load() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     sgemm, dgemm = _blas_symbols()
-    lib = ctypes.CDLL(str(_build(compiler)))
+    path = _build(compiler)
+    problem = file_problem(path)  # checked again right before loading it into this process
+    if problem is not None:
+        raise RuntimeError(f"refusing to load {problem}")
+    lib = ctypes.CDLL(str(path))
     if lib.spion_bsa_abi_version() != _ABI_VERSION:
         raise RuntimeError("stale kernel build in the cache")
     lib.spion_bsa_set_blas(ctypes.c_void_p(sgemm), ctypes.c_void_p(dgemm))
