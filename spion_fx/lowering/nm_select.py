@@ -144,14 +144,14 @@ class TimingCache:
 
     def _read(self) -> dict[str, float]:
         try:
-            text = self._read_text()
+            raw = self._read_bytes()
         except FileNotFoundError:
             return {}
         except (OSError, _Untrusted) as exc:
             self._warn(str(exc))
             return {}
         try:
-            data = json.loads(text)
+            data = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             self._warn(f"not valid JSON: {str(exc)[:100]}")
             return {}
@@ -169,8 +169,8 @@ class TimingCache:
                 return {}
         return {k: float(v) for k, v in data.items()}
 
-    def _read_text(self) -> str:
-        """The file's text, checked on the open descriptor (so what is checked is what is read)."""
+    def _read_bytes(self) -> bytes:
+        """The file's contents, checked on the open descriptor (so what is checked is what is read)."""
         nonblock = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted here must not block the reader
         fd = os.open(self.path, os.O_RDONLY | nonblock)
         with os.fdopen(fd, "rb") as f:
@@ -182,7 +182,7 @@ class TimingCache:
                 raise _Untrusted(problem)
             if st.st_size > _MAX_CACHE_BYTES:
                 raise _Untrusted(f"{self.path} is {st.st_size} bytes, more than a timing cache holds")
-            return f.read(_MAX_CACHE_BYTES + 1).decode("utf-8")
+            return f.read(_MAX_CACHE_BYTES + 1)
 
     def _warn(self, why: str) -> None:
         if (str(self.path), why) in _WARNED:
