@@ -48,8 +48,8 @@ def _attention_row(site: Any) -> dict[str, Any]:
         # Host seconds the switch cost this site (deciding probes, stability check, pattern,
         # first layout); nothing is re-compiled at a switch (lowering/partition.py).
         "switch_s": site.switch_seconds if site.phase == "sparse" else None,
-        "checks": int(site.stability[0]),
-        "last_change": None if math.isnan(float(site.stability[2])) else float(site.stability[2]),
+        "checks": site.checks_done,
+        "last_change": None if math.isnan(site.last_change) else site.last_change,
         "note": "" if ok else why,
     }
 
@@ -60,17 +60,15 @@ def _attention_kept_dense(state: SparsityState, listed: set[str]) -> list[dict[s
     shared by several modules. It runs exactly as the original, dense."""
     rows, seen = [], set(listed)
     for record in state.graph_records:
-        attention = {site.name for site in record.attention_sites}
-        for name, decision in record.decisions.items():
-            is_attention = name in attention or name.endswith(" [attention]")
-            if not is_attention or name in seen or not decision.startswith(("dense", "excluded")):
+        for decision in record.decisions:
+            if decision.kind != "attention" or not decision.dense or decision.site in seen:
                 continue
-            seen.add(name)
+            seen.add(decision.site)
             rows.append({
-                "site": name.removesuffix(" [attention]"), "kind": "attention", "phase": "dense",
+                "site": decision.site, "kind": "attention", "phase": "dense",
                 "switch_step": None, "density": 1.0, "mass_kept": None, "mass_kept_per_head": None,
                 "attention_flops_saved": 0.0, "switch_s": None, "checks": 0, "last_change": None,
-                "note": decision.removeprefix("dense: "),
+                "note": decision.reason,
             })
     return rows
 

@@ -23,6 +23,10 @@ from spion_fx.kernels.attention.layout import BlockLayout
 from spion_fx.policy import AttentionPolicy
 
 PHASE_DENSE, PHASE_SPARSE = 0, 1
+# What each entry of the site's statistics buffers holds; read them through the named properties
+# of AttentionSiteModule (probed_batches, skipped_probes, mask_code, checks_done, …).
+PROBED_BATCHES, SKIPPED_PROBES, MASK_CODE = 0, 1, 2  # probe_stats (the probe op's layout)
+CHECKS_DONE, PREVIOUS_DISTANCE, LAST_CHANGE = 0, 1, 2  # stability
 _MASK_KINDS = {
     "none": probe_op.MASK_KIND_NONE,
     "bool_keep": probe_op.MASK_KIND_BOOL_KEEP,
@@ -64,11 +68,16 @@ class AttentionSiteModule(nn.Module):
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("pattern", torch.zeros(0, 0, 0, dtype=torch.bool))
         self.register_buffer("pattern_len", torch.zeros(2, dtype=torch.long))  # (Lq, Lk) it was made for
+        # The probe frame: sums of probe maps at the reference length (the longest seen); a batch
+        # of length l adds into its top-left [:l, :l]. probe_count[t] batches covered the
+        # positions (i, j) with max(i, j) == t, so batches of different lengths average
+        # position by position (runtime/attention_controller.py).
         self.register_buffer("probe_accum", torch.zeros(0, 0))
-        # [batches accumulated, non-finite probes skipped, mask structure code]
+        self.register_buffer("probe_count", torch.zeros(0, dtype=torch.float64))
+        # [PROBED_BATCHES, SKIPPED_PROBES (non-finite), MASK_CODE (mask structure, max seen)]
         self.register_buffer("probe_stats", torch.zeros(3, dtype=torch.float64))
         self.register_buffer("previous_map", torch.zeros(0, 0))
-        # [checks done, previous distance, last relative change]
+        # [CHECKS_DONE, PREVIOUS_DISTANCE, LAST_CHANGE (relative)]
         self.register_buffer("stability", torch.tensor([0.0, math.nan, math.nan], dtype=torch.float64))
         # Share of the probe map's attention mass the pattern keeps (runtime/coverage.py), set at
         # the switch from the map the pattern was built from: overall, and per head when the map
@@ -100,14 +109,76 @@ class AttentionSiteModule(nn.Module):
     def sync_from_buffers(self) -> None:
         """Refresh the Python mirrors after buffers changed outside forward (load, probes)."""
         self._phase = int(self.phase_code)
-        self._mask_code = int(self.probe_stats[2])
+        self._mask_code = int(self.probe_stats[MASK_CODE])
+
+    # ---- statistics (named views of probe_stats and stability) ------------------------------
+    @property
+    def probed_batches(self) -> float:
+        """Probe batches accumulated since the last stability check (this rank)."""
+        return float(self.probe_stats[PROBED_BATCHES])
+
+    @probed_batches.setter
+    def probed_batches(self, value: float) -> None:
+        self.probe_stats[PROBED_BATCHES] = value
+
+    @property
+    def skipped_probes(self) -> int:
+        """Probes skipped as non-finite since the last stability check (this rank)."""
+        return int(self.probe_stats[SKIPPED_PROBES])
+
+    @skipped_probes.setter
+    def skipped_probes(self, value: int) -> None:
+        self.probe_stats[SKIPPED_PROBES] = value
+
+    @property
+    def mask_code(self) -> int:
+        """The mask structure the probes saw (probe.MASK_PADDING / MASK_CAUSAL / MASK_ARBITRARY)."""
+        return int(self.probe_stats[MASK_CODE])
+
+    @mask_code.setter
+    def mask_code(self, value: int) -> None:
+        self.probe_stats[MASK_CODE] = value
+        self._mask_code = int(value)
+
+    @property
+    def checks_done(self) -> int:
+        return int(self.stability[CHECKS_DONE])
+
+    @checks_done.setter
+    def checks_done(self, value: int) -> None:
+        self.stability[CHECKS_DONE] = value
+
+    @property
+    def previous_distance(self) -> float:
+        """Frobenius distance between the last two probe maps (NaN before the second check)."""
+        return float(self.stability[PREVIOUS_DISTANCE])
+
+    @previous_distance.setter
+    def previous_distance(self, value: float) -> None:
+        self.stability[PREVIOUS_DISTANCE] = value
+
+    @property
+    def last_change(self) -> float:
+        """Relative change of that distance at the last check (NaN before the third)."""
+        return float(self.stability[LAST_CHANGE])
+
+    @last_change.setter
+    def last_change(self, value: float) -> None:
+        self.stability[LAST_CHANGE] = value
+
+    @property
+    def probe_frame(self) -> tuple[int, int]:
+        """(Lq, Lk) of the probe frame; (0, 0) before it is sized."""
+        if self.probe_accum.numel() == 0:
+            return (0, 0)
+        return tuple(self.probe_accum.shape[-2:])  # type: ignore[return-value]
 
     @property
     def can_be_sparse(self) -> tuple[bool, str]:
         """Whether this site can run block-sparse, and if not, why (for report())."""
         if self.spec.cross_attention:
             return False, "cross-attention (query and key sequences differ)"
-        if int(self.probe_stats[2]) == probe_op.MASK_ARBITRARY:
+        if self.mask_code == probe_op.MASK_ARBITRARY:
             return False, "mask is not causal/padding (arbitrary bias or per-head mask)"
         return True, ""
 
@@ -119,11 +190,43 @@ class AttentionSiteModule(nn.Module):
         return (self.spec.is_causal and self.spec.mask_kind == "none") or self._mask_code == probe_op.MASK_CAUSAL
 
     def ensure_probe_shape(self, q_len: int, kv_len: int) -> None:
-        """Size the probe accumulators for the sequence length the probes will watch."""
-        if self.probe_accum.numel() == 0:
-            heads = self.spec.num_heads if self.policy.per_head and self.spec.num_heads else None
-            shape = (heads, q_len, kv_len) if heads else (q_len, kv_len)
-            self.probe_accum = torch.zeros(shape, device=self.phase_code.device)
+        """Size the probe frame for a length the probes will watch (the backend calls this for
+        every shape it lowers): the first length, grown when a longer one comes."""
+        self.fit_probe_frame(q_len, kv_len)
+
+    def fit_probe_frame(self, q_len: int, kv_len: int) -> bool:
+        """Make the probe frame able to take a batch of q_len × kv_len; False when it cannot.
+
+        Self-attention batches (Lq == Lk) of any length fit a square frame, which grows to the
+        longest length seen (sums and counts kept, zeros padded). A non-square frame (queries
+        and keys of different lengths) takes only batches of exactly its shape.
+        """
+        frame = self.probe_frame
+        if frame == (q_len, kv_len):
+            return True
+        if frame == (0, 0):
+            self.resize_probe_frame(q_len, kv_len)
+            return True
+        if q_len == kv_len and frame[0] == frame[1]:
+            if q_len > frame[0]:
+                self.resize_probe_frame(q_len, kv_len)
+            return True
+        return False
+
+    def resize_probe_frame(self, q_len: int, kv_len: int) -> None:
+        """A probe frame of q_len × kv_len holding what the old one held in its top-left corner
+        (the old frame must fit inside; anything else starts an empty frame)."""
+        heads = self.spec.num_heads if self.policy.per_head and self.spec.num_heads else None
+        shape = (heads, q_len, kv_len) if heads else (q_len, kv_len)
+        device = self.phase_code.device
+        accum = torch.zeros(shape, dtype=self.probe_accum.dtype, device=device)
+        count = torch.zeros(max(q_len, kv_len), dtype=self.probe_count.dtype, device=device)
+        old_q, old_k = self.probe_frame
+        fits = old_q <= q_len and old_k <= kv_len and self.probe_accum.dim() == accum.dim()
+        if self.probe_accum.numel() and fits and self.probe_count.numel() <= count.numel():
+            accum[..., :old_q, :old_k] = self.probe_accum
+            count[: self.probe_count.numel()] = self.probe_count
+        self.probe_accum, self.probe_count = accum, count
 
     def set_pattern(self, pattern: torch.Tensor, q_len: int, kv_len: int, step: int) -> None:
         self.pattern = pattern.to(device=self.phase_code.device, dtype=torch.bool)
@@ -144,19 +247,91 @@ class AttentionSiteModule(nn.Module):
         self.sync_from_buffers()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes.
-        self._check_checkpoint_pattern(state_dict, prefix)
+        # Pattern and probe buffers change shape during training; adopt the checkpoint's shapes
+        # once they are known to make sense for this site and policy.
         if prefix + "pattern" in state_dict and prefix + "mass_kept" not in state_dict:
             # A checkpoint from before mass kept was recorded: load it, the mass is unknown.
             state_dict[prefix + "mass_kept"] = torch.tensor(math.nan, dtype=torch.float64)
             state_dict[prefix + "mass_kept_per_head"] = torch.zeros(0, dtype=torch.float64)
-        for name in ("pattern", "probe_accum", "previous_map", "mass_kept_per_head"):
+        accum, stats = state_dict.get(prefix + "probe_accum"), state_dict.get(prefix + "probe_stats")
+        if accum is not None and stats is not None and prefix + "probe_count" not in state_dict:
+            # A checkpoint from before per-position probe counts: every batch had the frame's length.
+            length = max(accum.shape[-2:]) if accum.numel() and accum.dim() >= 2 else 0
+            batches = float(stats[PROBED_BATCHES]) if stats.numel() == 3 else 0.0
+            state_dict[prefix + "probe_count"] = torch.full((length,), batches, dtype=torch.float64)
+        self._check_checkpoint_tensors(state_dict, prefix)
+        self._check_checkpoint_pattern(state_dict, prefix)
+        for name in ("pattern", "probe_accum", "probe_count", "previous_map", "mass_kept_per_head"):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.phase_code.device))
         self._built_layouts.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_from_buffers()
+
+    _GROWING = ("pattern", "probe_accum", "probe_count", "previous_map", "mass_kept_per_head")
+
+    def _check_checkpoint_tensors(self, state_dict, prefix: str) -> None:
+        """Refuse a site entry that is truncated, of the wrong shape or dtype, or made under
+        another policy, naming the key and what was expected (never load it half-way)."""
+        names = [name for name, _ in self.named_buffers(recurse=False)
+                 if name not in self._non_persistent_buffers_set]
+        present = [n for n in names if prefix + n in state_dict]
+        if not present:
+            return
+        site = f"attention site {self.spec.name!r}"
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        if missing:
+            raise ValueError(f"{site}: the checkpoint lacks {', '.join(missing)} (truncated or from another version)")
+
+        def fail(name: str, got: str, want: str) -> None:
+            raise ValueError(f"{site}: checkpoint key {prefix + name!r} is {got}, expected {want}")
+
+        def kind(t: torch.Tensor) -> str:
+            return "bool" if t.dtype == torch.bool else "floating" if t.is_floating_point() else (
+                "complex" if t.is_complex() else "integer")
+
+        for name in names:
+            value, own = state_dict[prefix + name], getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                fail(name, type(value).__name__, f"a tensor of {own.dtype}")
+            if kind(value) != kind(own):
+                fail(name, f"of dtype {value.dtype}", f"a {kind(own)} tensor like {own.dtype}")
+            if name not in self._GROWING and value.shape != own.shape:
+                fail(name, f"of shape {tuple(value.shape)}", f"shape {tuple(own.shape)}")
+        get = lambda name: state_dict[prefix + name]  # noqa: E731
+        heads = self.spec.num_heads if self.policy.per_head and self.spec.num_heads else None
+        per_head = "per_head=True" if self.policy.per_head else "per_head=False"
+        pattern = get("pattern")
+        if pattern.dim() != 3:
+            fail("pattern", f"{pattern.dim()}-D", "3-D [heads, query blocks, key blocks]")
+        if pattern.numel():
+            if heads and pattern.shape[0] == 1 and heads > 1:
+                fail("pattern", "one pattern shared by all heads", f"{heads} per-head patterns ({per_head})")
+            if not heads and pattern.shape[0] != 1:
+                fail("pattern", f"{pattern.shape[0]} per-head patterns", f"one shared pattern ({per_head})")
+        for name in ("probe_accum", "previous_map"):
+            value = get(name)
+            if value.numel() == 0:
+                continue
+            want = 3 if heads else 2
+            if value.dim() != want or (heads and value.shape[0] != heads):
+                fail(name, f"of shape {tuple(value.shape)}",
+                     f"[{heads}, Lq, Lk] ({per_head})" if heads else f"[Lq, Lk] ({per_head})")
+        accum, count = get("probe_accum"), get("probe_count")
+        if count.dim() != 1 or count.numel() != (max(accum.shape[-2:]) if accum.numel() else count.numel()):
+            fail("probe_count", f"of shape {tuple(count.shape)}",
+                 f"[{max(accum.shape[-2:]) if accum.numel() else 'L'}] (one count per position of the probe frame)")
+        if get("mass_kept_per_head").dim() != 1:
+            fail("mass_kept_per_head", f"of shape {tuple(get('mass_kept_per_head').shape)}", "1-D")
+        phase = int(get("phase_code"))
+        if phase not in (PHASE_DENSE, PHASE_SPARSE):
+            fail("phase_code", f"{phase}", f"{PHASE_DENSE} (dense) or {PHASE_SPARSE} (sparse)")
+        if phase == PHASE_SPARSE:
+            lengths = get("pattern_len")
+            if pattern.numel() == 0 or int(lengths.min()) <= 0 or int(get("switch_step")) < 0:
+                fail("pattern", "empty (or its length / switch step unset) for a sparse site",
+                     "the block pattern the site switched to (the checkpoint is truncated)")
 
     def _check_checkpoint_pattern(self, state_dict, prefix: str) -> None:
         pattern, lengths = state_dict.get(prefix + "pattern"), state_dict.get(prefix + "pattern_len")
@@ -180,7 +355,7 @@ class AttentionSiteModule(nn.Module):
     # ---- compute ---------------------------------------------------------------------------
     def forward(self, q, k, v, mask=None, scale=None):
         scale = self.spec.scale if scale is None else scale
-        if self.probing and tuple(self.probe_accum.shape[-2:]) == (q.shape[-2], k.shape[-2]):
+        if self.probing:
             self._probe(q, k, mask, scale)
         if self.phase == "sparse" and q.dim() == 4:
             return self._sparse(q, k, v, mask, scale)
@@ -225,13 +400,19 @@ class AttentionSiteModule(nn.Module):
         return torch.matmul(probs, v)
 
     def _probe(self, q, k, mask, scale):
+        lq, lk = q.shape[-2], k.shape[-2]
+        if not self.fit_probe_frame(lq, lk):
+            return  # queries and keys of another non-square shape (a key-value cache)
         s = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(q.shape[-1])
         causal = self.spec.is_causal
         start = time.perf_counter()
+        before = self.probed_batches
         torch.ops.spion.attention_probe(
             self.probe_accum, self.probe_stats, q.detach(), k.detach(),
             None if mask is None else mask.detach(), _MASK_KINDS[self.spec.mask_kind], s, causal,
         )
+        if self.probed_batches > before:  # skipped (non-finite) batches cover nothing
+            self.probe_count[: max(lq, lk)] += 1
         self.probe_seconds += time.perf_counter() - start
 
     def _hybrid_sparse(self, q, k, v, mask, scale):

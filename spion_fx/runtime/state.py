@@ -2,25 +2,24 @@
 
 It is attached to the user's model (``model.spion_state``) so ``state_dict()`` carries patterns,
 phases, probe history, masks and schedule steps, ``.to()`` moves them and DDP sees them. It
-counts steps, tells attention sites when to probe, decides SPION's dense→sparse switch, and
-exposes a variant key (train/eval, grad mode, the linear sites' modes): whenever that key changes
-the backend lowers the graph once more (and caches it). Attention sites run eagerly between the
-compiled parts, so their phases and probe steps are not part of the key.
+counts steps and hands each step's end to the controllers (runtime/attention_controller.py plans
+the probes and decides SPION's dense→sparse switch; runtime/linear_controller.py drives the
+linear sites), and exposes a variant key (train/eval, grad mode, the linear sites' modes):
+whenever that key changes the backend lowers the graph once more (and caches it). Attention sites
+run eagerly between the compiled parts, so their phases and probe steps are not part of the key.
 """
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from spion_fx.policy import Policy
+from spion_fx.runtime.attention_controller import AttentionController
 from spion_fx.runtime.attention_site import AttentionSiteModule, AttentionSpec
 
 
@@ -44,6 +43,7 @@ class SparsityState(nn.Module):
         self._forward_seen = False
         self._hooks: list[Any] = []
         self.graph_records: list[Any] = []  # filled by the backend, for report() and inspect
+        self.controller = AttentionController(self)  # probes and SPION's switch (its call order)
         self._plan_step()
 
     def forward(self, *args, **kwargs):
@@ -183,9 +183,7 @@ class SparsityState(nn.Module):
     def on_step_end(self) -> None:
         """One optimizer step (or training forward) finished: update schedules and phases."""
         self._check_pending()
-        step = int(self.step)
-        if self.policy.attention.method == "spion":
-            self._attention_step_end(step)
+        self.controller.step_end(int(self.step))
         self.step += 1
         self._plan_step()
 
@@ -193,110 +191,11 @@ class SparsityState(nn.Module):
         """Set each site's probing flag for the step about to run."""
         if self.step.is_meta:
             return  # a meta model's state has no step yet: planned once it is materialized
-        att = self.policy.attention
-        step = int(self.step)
-        probe = att.method == "spion" and self.training and self._is_probe_step(step)
-        window = att.hsa_window
-        hsa = window is not None and self.training and window[0] <= step < window[1]
-        for site in self.attention_sites():
-            site.sync_from_buffers()
-            # HSA must know the mask is causal(+padding): probe once before the window to see it.
-            classify = window is not None and self.training and float(site.probe_stats[0]) == 0 and (
-                int(site.stability[0]) == 0 and step < window[1])
-            site.probing = (probe or classify) and site.phase == "dense" and site.can_be_sparse[0]
-            site.hsa_active = hsa and site.phase == "dense" and site.supports_hsa
-
-    def _is_probe_step(self, step: int) -> bool:
-        att = self.policy.attention
-        in_window = step % att.probe_interval >= att.probe_interval - att.probe_batches
-        forced = att.max_dense_steps is not None and step == att.max_dense_steps - 1
-        return in_window or forced
-
-    def _attention_step_end(self, step: int) -> None:
-        att = self.policy.attention
-        dense = [s for s in self.attention_sites() if s.phase == "dense" and s.can_be_sparse[0]]
-        if not dense:
-            return
-        checks_now = step % att.probe_interval == att.probe_interval - 1
-        forced = att.max_dense_steps is not None and step + 1 >= att.max_dense_steps
-        if not (checks_now or forced):
-            return
-        stable = {id(s): self._check_stability(s) for s in dense}
-        allowed = step + 1 >= att.min_dense_steps
-        if forced:
-            to_switch = dense
-        elif not allowed:
-            to_switch = []
-        elif att.switch == "global":
-            to_switch = dense if all(stable.values()) else []
-        else:
-            to_switch = [s for s in dense if stable[id(s)]]
-        for site in to_switch:
-            self._switch_to_sparse(site, step + 1, forced=forced and not stable[id(site)])
-
-    def _check_stability(self, site: AttentionSiteModule) -> bool:
-        """SPION's rule: the Frobenius distance between consecutive maps changes by < tolerance."""
-        start = time.perf_counter()
-        try:
-            return self._check_stability_of(site)
-        finally:
-            site.check_seconds = site.probe_seconds + time.perf_counter() - start
-            site.probe_seconds = 0.0
-
-    def _check_stability_of(self, site: AttentionSiteModule) -> bool:
-        count = float(site.probe_stats[0])
-        if float(site.probe_stats[1]) > 0:
-            warnings.warn(
-                f"spion_fx: {int(site.probe_stats[1])} non-finite attention probe(s) skipped at "
-                f"site {site.spec.name!r}", stacklevel=3,
-            )
-            site.probe_stats[1] = 0
-        if count == 0:
-            return False
-        current = _all_reduce_mean(site.probe_accum / count)
-        site.probe_accum.zero_()
-        site.probe_stats[0] = 0
-        site.sync_from_buffers()
-        checks, previous_distance, _ = site.stability.tolist()
-        stable = False
-        if site.previous_map.numel() == current.numel():
-            distance = torch.linalg.vector_norm(current - site.previous_map).item()  # Frobenius
-            if not math.isnan(previous_distance):
-                change = abs(distance - previous_distance) / previous_distance if previous_distance > 0 else (
-                    0.0 if distance == 0 else math.inf)
-                stable = change < self.policy.attention.tolerance
-                site.stability[2] = change
-            site.stability[1] = distance
-        site.previous_map = current
-        site.stability[0] = checks + 1
-        return stable
+        self.controller.plan_step(int(self.step), self.training)
 
     def _switch_to_sparse(self, site: AttentionSiteModule, step: int, *, forced: bool) -> None:
-        from spion_fx.runtime.coverage import mass_kept
-        from spion_fx.runtime.pattern import generate_pattern
-
-        start = time.perf_counter()
-        att = self.policy.attention
-        attention_map = site.previous_map
-        if attention_map.numel() == 0:
-            site.sync_from_buffers()
-            return  # never probed (e.g. not in training): nothing to build a pattern from
-        pattern = generate_pattern(
-            attention_map, block_size=att.block_size, variant=att.variant, quantile=att.quantile,
-            filter_size=att.filter_size, density=att.density, causal=site.causal,
-            per_head=attention_map.dim() == 3, coverage=att.coverage, max_density=att.max_density,
-        )
-        pattern = _broadcast_from_rank0(pattern)
-        q_len, kv_len = attention_map.shape[-2:]
-        site.set_pattern(pattern.unsqueeze(0) if pattern.dim() == 2 else pattern, q_len, kv_len, step)
-        kept, kept_per_head = mass_kept(attention_map, pattern, att.block_size)
-        site.record_mass_kept(kept, kept_per_head if attention_map.dim() == 3 else kept_per_head[:0])
-        site.switch_seconds = site.check_seconds + time.perf_counter() - start
-        density = float(pattern.float().mean())
-        self.events.append({
-            "event": "switch", "site": site.spec.name, "step": step, "density": density,
-            "forced": forced,
-        })
+        """Switch one site now (``python -m spion_fx.inspect`` builds patterns from one probe)."""
+        self.controller.switch_to_sparse(site, step, forced=forced)
 
     # ---- devices -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -344,20 +243,3 @@ def _defer_unknown_sites(module: SparsityState, state_dict, prefix, *args) -> No
         elif parts[0] == "linear" and module.linear is None:
             module._pending[local] = state_dict.pop(key)
 
-
-def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average a probe over ranks so that every rank takes the same decision."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
-def _broadcast_from_rank0(pattern: torch.Tensor) -> torch.Tensor:
-    """Rank 0's pattern wins, so ranks agree bitwise even if float reductions differ."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buf = pattern.to(torch.uint8).contiguous()
-        dist.broadcast(buf, src=0)
-        return buf.bool()
-    return pattern

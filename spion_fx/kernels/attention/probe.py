@@ -32,6 +32,9 @@ def attention_probe(
 ) -> None:
     """accum [Lq, Lk] (or [H, Lq, Lk] per head) += mean over batch (and heads) of softmax(q kᵀ·scale + mask, causal).
 
+    accum may be a larger frame than this batch (the site's reference length, the longest one
+    seen): the batch's map is added into its top-left [lq, lk] corner, position by position, and
+    the caller counts which positions it covered (runtime/attention_site.py).
     stats (float64 [3]): [batches accumulated, non-finite probes skipped, mask code (max seen)].
     mask: [B or 1, 1 or H, Lq, Lk] of kind MASK_KIND_* (bool keep, bool fill, additive float).
     """
@@ -44,6 +47,11 @@ def attention_probe(
         visible, binary = visibility(mask, mask_kind, q.shape[0])
         b, h, lq, _ = q.shape
         lk, hk = k.shape[-2], k.shape[1]
+        if lq > accum.shape[-2] or lk > accum.shape[-1]:
+            raise ValueError(
+                f"attention_probe: a batch of {lq}x{lk} does not fit the accumulator frame "
+                f"{tuple(accum.shape[-2:])}; grow the frame first"
+            )
         per_head = accum.dim() == 3  # [H, Lq, Lk]: one map per head (per-head patterns)
         total = torch.zeros(h if per_head else 1, lq, lk, dtype=torch.float32, device=q.device)
         keys = k.float().repeat_interleave(h // hk, dim=1) if hk != h else k.float()
@@ -75,7 +83,7 @@ def attention_probe(
         if not torch.isfinite(total).all():
             stats[1] += 1
             return
-        accum += total.to(accum.dtype)
+        accum[..., :lq, :lk] += total.to(accum.dtype)
         stats[0] += 1
         code = mask_structure(visible, causal) if binary else MASK_ARBITRARY
         stats[2] = max(float(stats[2]), float(code))
