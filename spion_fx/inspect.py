@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from spion_fx.decisions import SiteKind, decision_for
 from spion_fx.lowering.backend import GraphRecord, SpionCompiler
 from spion_fx.policy import Policy
 from spion_fx.reporting import build_report, percent
@@ -125,7 +126,7 @@ def site_rows(records: list[GraphRecord], patterns: dict[str, dict[str, Any]] | 
                 "graph": record.index, "site": site.name, "kind": "attention", "form": site.form,
                 "shape": _shape(site.q), "heads": site.num_heads, "kv_heads": site.num_kv_heads,
                 "causal": site.is_causal, "mask": site.mask_kind, "cross": site.cross_attention,
-                "decision": record.decisions.get(site.name, ""),
+                "decision": _decision_text(record, site.name, "attention"),
             })
             if patterns is not None:
                 probed = patterns.get(site.name, {})
@@ -139,9 +140,14 @@ def site_rows(records: list[GraphRecord], patterns: dict[str, dict[str, Any]] | 
             rows.append({
                 "graph": record.index, "site": site.name, "kind": site.role, "form": site.form,
                 "shape": list(site.weight_shape), "weight": site.weight_name,
-                "decision": record.decisions.get(site.name, ""),
+                "decision": _decision_text(record, site.name, "linear"),
             })
     return rows
+
+
+def _decision_text(record: GraphRecord, site: str, kind: SiteKind) -> str:
+    decision = decision_for(record.decisions, site, kind)
+    return "" if decision is None else str(decision)
 
 
 def _shape(node: Any) -> list[int] | None:

@@ -80,7 +80,7 @@ def spion_summary(state) -> dict[str, Any]:
             "map": site.previous_map.clone(),
         }
     events = [dict(e) for e in state.events if e.get("event") == "switch"]
-    graphs = [sorted(record.decisions) for record in state.graph_records]
+    graphs = [sorted((d.kind, d.site) for d in record.decisions) for record in state.graph_records]
     return {"sites": sites, "events": events, "step": int(state.step), "graphs": graphs}
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 import spion_fx
 from spion_fx.capture import capture
+from spion_fx.decisions import decision_for
 from spion_fx.passes.detect import detect_sites
 from spion_fx.passes.expand_mha import expand_multi_head_attention
 from spion_fx.policy import Policy
@@ -286,7 +287,8 @@ def test_no_site_warns_once_naming_need_weights():
     (message,) = _warnings_of(model, *_inputs())
     assert "need_weights=True" in message and "attn" in message
     (record,) = model.spion_state.graph_records
-    assert "need_weights=True" in record.decisions["attn [attention]"]
+    decision = decision_for(record.decisions, "attn", "attention")
+    assert decision.dense and "need_weights=True" in decision.reason
     # report() lists the attention kept dense, with the reason
     (row,) = [r for r in spion_fx.report(model, print_table=False) if r["kind"] == "attention"]
     assert row["site"] == "attn" and row["phase"] == "dense" and "need_weights=True" in row["note"]

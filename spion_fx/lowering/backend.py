@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from spion_fx.capture import map_placeholders, tensor_names
+from spion_fx.decisions import Decision
 from spion_fx.lowering.partition import split_at_sites
 from spion_fx.passes.attention_census import attention_like_ops, opaque_attention_calls
 from spion_fx.passes.expand_mha import expand_multi_head_attention
@@ -40,7 +41,7 @@ class GraphRecord:
     attention_sites: list[AttentionSite]
     linear_sites: list[LinearSite]
     rewritten: list[Rewritten]
-    decisions: dict[str, str] = field(default_factory=dict)  # site name -> what was done
+    decisions: list[Decision] = field(default_factory=list)  # one per site seen, in build order
     graph_module: fx.GraphModule | None = None
     # attention-like ops that are not sites ("2x F.multi_head_attention_forward", ...)
     unmatched_attention: list[str] = field(default_factory=list)
@@ -79,10 +80,10 @@ class SpionCompiler:
         attention, linear = detect_sites(gm, names)
         _qualify_site_names(attention, linear, len(self.records))
         record = GraphRecord(len(self.records), attention, linear, [])
-        # "[attention]": the module's own name is its in-projection's linear site
-        record.decisions.update({f"{e.name or 'model'} [attention]": e.dense_reason for e in mha if e.dense_reason})
-        record.unmatched_attention = attention_like_ops(gm, {n for s in attention for n in s.nodes}) + [
-            f"{e.name or 'model'}: {e.dense_reason}" for e in mha if e.dense_reason]
+        record.decisions += [  # MHAExpansion.dense_reason is prose that starts with "dense: "
+            Decision.kept_dense(e.name or "model", "attention", e.dense_reason.removeprefix("dense: "))
+            for e in mha if e.dense_reason]
+        record.unmatched_attention = attention_like_ops(gm, {n for s in attention for n in s.nodes})
         self._linear_modules = self._linear_modules_for(gm, example_inputs, linear, record)
         rewritten = rewrite_sites(gm, [*attention, *linear], lambda s: self._module_for(s, record))
         record.rewritten = rewritten
@@ -104,7 +105,8 @@ class SpionCompiler:
         self.attention_checked = True
         if not self.state.policy.attention.enabled or any(r.attention_sites for r in self.records):
             return
-        seen = [line for r in self.records for line in r.unmatched_attention]
+        seen = [line for r in self.records for line in [*r.unmatched_attention, *(
+            f"{d.site}: {d}" for d in r.decisions if d.kind == "attention" and d.dense)]]
         if graph_breaks:
             seen.append(f"{len(graph_breaks)} graph break(s): " + "; ".join(sorted(set(graph_breaks)))[:500])
         warnings.warn(
@@ -114,18 +116,19 @@ class SpionCompiler:
             stacklevel=4,  # the user's model(...) call, through sparsify's wrapper and nn.Module
         )
 
-    def _unresolved(self, name: str, record: GraphRecord) -> bool:
+    def _unresolved(self, site: AttentionSite | LinearSite, record: GraphRecord) -> bool:
         """A site whose module path does not exist in the model must not get state: its graph
         may be shared by several modules (FSDP2 blocks), which would then share one pattern."""
         if self._model is None:
             return False
         try:
-            self._model.get_submodule(name)
+            self._model.get_submodule(site.name)
             return False
         except AttributeError:
-            record.decisions[name] = "dense: no unique module path (graph shared by several modules?)"
+            record.decisions.append(Decision.kept_dense(
+                site.name, site.kind, "no unique module path (graph shared by several modules?)"))
             warnings.warn(
-                f"spion_fx: site {name!r} has no unique module path in the model (e.g. a graph "
+                f"spion_fx: site {site.name!r} has no unique module path in the model (e.g. a graph "
                 "shared by FSDP2 blocks); it stays dense", stacklevel=3,
             )
             return True
@@ -133,21 +136,23 @@ class SpionCompiler:
     def _module_for(self, site: AttentionSite | LinearSite, record: GraphRecord) -> nn.Module | None:
         policy = self.state.policy
         if isinstance(site, AttentionSite):
-            if self._unresolved(site.name, record):
+            if self._unresolved(site, record):
                 return None
             if not policy.attention.selects(site.name):
-                record.decisions[site.name] = "excluded by policy"
+                record.decisions.append(Decision.kept_dense(site.name, "attention", "excluded by policy"))
                 return None
             spec = attention_spec(site)
             if spec is None:
-                record.decisions[site.name] = "dense: scale is computed at run time"
+                record.decisions.append(Decision.kept_dense(site.name, "attention", "scale is computed at run time"))
                 return None
             module = self.state.attention_site(spec)
             ok, why = module.can_be_sparse
             if policy.attention.method == "dense":
-                record.decisions[site.name] = "dense (policy)"
+                record.decisions.append(Decision.kept_dense(site.name, "attention", "policy"))
+            elif ok:
+                record.decisions.append(Decision.sparse(site.name, "attention", f"SPION-{policy.attention.variant.upper()}"))
             else:
-                record.decisions[site.name] = f"SPION-{policy.attention.variant.upper()}" if ok else f"dense: {why}"
+                record.decisions.append(Decision.kept_dense(site.name, "attention", why))
             return module
         return self._linear_modules.get(site.name)
 
@@ -158,19 +163,21 @@ class SpionCompiler:
         selected = []
         for site in sites:
             if not policy.enabled or not policy.selects(site.name, site.role):
-                record.decisions[site.name] = "dense (policy)" if site.role == "linear" else f"dense: {site.role}"
+                record.decisions.append(Decision.kept_dense(site.name, "linear", "policy" if site.role == "linear" else site.role))
                 continue
             weight = values.get(site.weight.name)
-            if self._unresolved(site.name, record):
+            if self._unresolved(site, record):
                 continue
             if not isinstance(weight, nn.Parameter):
-                record.decisions[site.name] = "dense: weight is not a parameter"
+                record.decisions.append(Decision.kept_dense(site.name, "linear", "weight is not a parameter"))
                 continue
             selected.append((site.name, tuple(site.weight_shape), site.weight_transposed, weight))
         modules = self.state.linear_sites(selected) if selected else {}
         for name, module in modules.items():
             info = module.describe()
-            record.decisions[name] = info.get("dense_reason") and f"dense: {info['dense_reason']}" or info.get("pattern", policy.method)
+            record.decisions.append(
+                Decision.kept_dense(name, "linear", info["dense_reason"]) if info.get("dense_reason")
+                else Decision.sparse(name, "linear", info.get("pattern", policy.method)))
         return modules
 
 

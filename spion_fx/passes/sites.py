@@ -69,7 +69,7 @@ class AttentionSite:
     softmax_dtype: torch.dtype | None = None
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Literal["attention"]:
         return "attention"
 
     @property
@@ -96,7 +96,7 @@ class LinearSite:
     role: Literal["linear", "embedding", "lm_head"] = "linear"
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Literal["linear"]:
         return "linear"
 
     @property
