@@ -12,6 +12,7 @@ run eagerly between the compiled parts, so their phases and probe steps are not 
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,9 @@ class SparsityState(nn.Module):
         self.attention = nn.ModuleDict()
         self.linear: nn.Module | None = None  # LinearSparsityController, created on demand
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        # What the saved tensors mean depends on the policy: a checkpoint of another policy is
+        # refused at load (see _check_policy_code), not loaded into sites it does not fit.
+        self.register_buffer("policy_code", policy_code(policy))
         self.version = 0  # bumped on every change that needs re-lowering
         self._pending: dict[str, torch.Tensor] = {}  # checkpoint entries of sites not built yet
         self.events: list[dict[str, Any]] = []  # switches, warnings: for report() and the demo
@@ -206,6 +210,7 @@ class SparsityState(nn.Module):
         super()._apply(fn, recurse)
         if was_meta and not self.step.is_meta:
             self.step.zero_()
+            self.policy_code.copy_(policy_code(self.policy))
             self._plan_step()
         return self
 
@@ -216,6 +221,11 @@ class SparsityState(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "policy_code"
+        if key not in state_dict:
+            state_dict[key] = self.policy_code.clone()  # a checkpoint from before policy codes
+        else:
+            self._check_policy_code(state_dict[key], key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.version += 1
 
@@ -224,11 +234,49 @@ class SparsityState(nn.Module):
         self._after_load()
         return result
 
+    def _check_policy_code(self, code: Any, key: str) -> None:
+        want = policy_code(self.policy)
+        if not isinstance(code, torch.Tensor) or code.shape != want.shape or code.dtype != want.dtype:
+            got = f"{type(code).__name__} {tuple(code.shape)} {code.dtype}" if isinstance(code, torch.Tensor) else type(code).__name__
+            raise ValueError(f"checkpoint key {key!r} is {got}, expected an int64 tensor of shape {tuple(want.shape)}")
+        if torch.equal(code.cpu(), want):
+            return
+        raise ValueError(
+            f"checkpoint key {key!r}: the spion_fx state was saved under {describe_policy_code(code)}, "
+            f"but this model is sparsified with {describe_policy_code(want)}; sparsify with the "
+            "policy the checkpoint was trained with"
+        )
+
     def _after_load(self) -> None:
         for site in self.attention_sites():
             site.sync_from_buffers()
         self.version += 1
         self._plan_step()
+
+
+def policy_code(policy: Policy) -> torch.Tensor:
+    """The parts of a policy that decide what the state's tensors mean: the attention method,
+    the linear method and its N:M ratio (CRC-32 of the method names, so the code does not depend
+    on the order of the lists in policy.py)."""
+    from spion_fx.runtime.linear_site import NM_METHODS
+
+    linear = policy.linear
+    nm = (linear.n, linear.m) if linear.method in NM_METHODS else (0, 0)
+    return torch.tensor(
+        [zlib.crc32(policy.attention.method.encode()), zlib.crc32(linear.method.encode()), *nm],
+        dtype=torch.long,
+    )
+
+
+def describe_policy_code(code: torch.Tensor) -> str:
+    from spion_fx.policy import _ATTENTION_METHODS, _LINEAR_METHODS
+
+    def name(crc: int, names: tuple[str, ...]) -> str:
+        return next((n for n in names if zlib.crc32(n.encode()) == crc), f"an unknown method (code {crc})")
+
+    attention, linear, n, m = (int(x) for x in code.tolist())
+    ratio = f" {n}:{m}" if n or m else ""
+    return f"attention method {name(attention, _ATTENTION_METHODS)!r}, linear method {name(linear, _LINEAR_METHODS)!r}{ratio}"
 
 
 def _defer_unknown_sites(module: SparsityState, state_dict, prefix, *args) -> None:
