@@ -74,15 +74,21 @@ def _case(seed: int):
                 kv_heads=kv_heads, q_full=q_full, k=k, v=v)
 
 
+@pytest.mark.parametrize("path", ["inference", "autograd"])
 @pytest.mark.parametrize("seed", range(60))
-def test_fuzz_matches_full_op_rows(seed):
+def test_fuzz_matches_full_op_rows(seed, path):
+    """Inference runs one fused SDPA over the gathered rows; inputs needing grad take the
+    matmul / softmax / matmul path: both give the full op's rows."""
     c = _case(seed)
     lq, lk = c["lq"], c["lk"]
     layout = DecodeLayout.from_pattern(c["pattern"], c["bs"], lk, lq, num_kv_heads=c["kv_heads"])
     q = c["q_full"][:, :, lk - lq:]
+    k, v = c["k"], c["v"]
+    if path == "autograd":
+        q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
     out = block_sparse_decode_attention(
-        q, c["k"], c["v"], layout, scale=c["scale"], causal=c["causal"], key_padding_mask=c["kpm"]
-    )
+        q, k, v, layout, scale=c["scale"], causal=c["causal"], key_padding_mask=c["kpm"]
+    ).detach()
     op, ref = full_rows(c["q_full"], c["k"], c["v"], c["pattern"], c["bs"], lq,
                         scale=c["scale"], causal=c["causal"], kpm=c["kpm"])
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -253,3 +259,24 @@ def test_cuda_matches_cpu():
     expected = block_sparse_decode_attention(q, k, v, cpu, key_padding_mask=kpm)
     out = block_sparse_decode_attention(q.cuda(), k.cuda(), v.cuda(), gpu, key_padding_mask=kpm.cuda())
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_that_see_nothing_are_zero(grad):
+    """A sample whose keys are all padding, and a pattern row keeping no block: zero rows."""
+    bs, lk, h, d = 4, 10, 2, 8
+    pattern = torch.zeros(1, 3, 3, dtype=torch.bool)
+    pattern[0, 2, 0] = True  # the decode row keeps block 0 only
+    q, k, v = torch.randn(2, h, 1, d), torch.randn(2, h, lk, d), torch.randn(2, h, lk, d)
+    if grad:
+        q.requires_grad_(True)
+    kpm = torch.ones(2, lk, dtype=torch.bool)
+    kpm[0] = False
+    kpm[1, :4] = False  # sample 1: block 0 is all padding too
+    layout = DecodeLayout.from_pattern(pattern, bs, lk)
+    out = block_sparse_decode_attention(q, k, v, layout, key_padding_mask=kpm)
+    assert torch.equal(out, torch.zeros_like(out))
+    empty = DecodeLayout.from_pattern(torch.zeros(1, 3, 3, dtype=torch.bool), bs, lk)
+    assert empty.may_have_empty_rows == (True, True)
+    out = block_sparse_decode_attention(q, k, v, empty)
+    assert torch.equal(out, torch.zeros_like(out))

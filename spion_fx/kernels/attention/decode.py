@@ -12,7 +12,8 @@ per generated token; more for chunked prefill or assisted decoding). The trainin
   through ``ceil(lk / block_size)``: build it once per (pattern, number of key blocks) and reuse
   it for every decode step until the cache grows into a new block.
 * ``block_sparse_decode_attention(q, k, v, layout, ...)`` gathers those K/V rows (one
-  ``index_select`` each), and runs one batched matmul, a masked softmax and a matmul. Its cost is
+  ``index_select`` each) and runs one fused SDPA call over them (masked only where needed); when
+  an input requires grad, a batched matmul, a masked softmax and a matmul instead. Its cost is
   proportional to the kept blocks, not to ``Lk``. No host syncs (CUDA runs the same torch code);
   the masks that depend on the exact ``Lk`` (partial last block, causal) are built per call from
   the shapes.
@@ -31,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["DecodeLayout", "block_sparse_decode_attention"]
@@ -52,7 +54,8 @@ class DecodeLayout:
     queries per call), first_row (the first block row a query can fall in).
     may_have_empty_rows: per causal flag (False, True): whether some query row can see no key
     before padding is applied (then the call zeroes such rows; with a key padding mask it always
-    checks).
+    checks). rows_full: every row keeps every gathered slot (a shared pattern's single decode
+    row); max_token: the largest gathered position. Both let a call skip the mask.
     """
 
     token_index: Tensor
@@ -62,6 +65,8 @@ class DecodeLayout:
     max_lq: int
     first_row: int
     may_have_empty_rows: tuple[bool, bool]
+    rows_full: bool
+    max_token: int
     _flat_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -152,13 +157,15 @@ class DecodeLayout:
         row_keep = keep.repeat_interleave(block_size, dim=2).contiguous()  # [M, R, S]
         empty = _empty_rows(rows, first_row, nkb)
         return cls(
-            token_index.contiguous(), row_keep, int(block_size), nkb, int(max_lq), first_row, empty
-        )
+            token_index.contiguous(), row_keep, int(block_size), nkb, int(max_lq), first_row, empty,
+            bool(row_keep.all()), int(token_index.max()),
+        )  # fmt: skip
 
     def to(self, device: torch.device | str) -> DecodeLayout:
         return DecodeLayout(
             self.token_index.to(device), self.row_keep.to(device), self.block_size,
             self.num_kv_blocks, self.max_lq, self.first_row, self.may_have_empty_rows,
+            self.rows_full, self.max_token,
         )  # fmt: skip
 
     def density(self) -> float:
@@ -201,51 +208,82 @@ def block_sparse_decode_attention(
     """
     b, h, lq, d, hkv, lk = _validate(q, k, v, layout, causal, key_padding_mask)
     scale = d**-0.5 if scale is None else float(scale)
-    bs, hi = layout.block_size, layout.num_index_heads
+    hi, s = layout.num_index_heads, layout.gathered_tokens
     # Gather the kept key rows: [B, Hg, S, D], Hg = Hkv (shared index or one per kv head) or H.
-    tokens = layout.token_index.clamp(max=lk - 1)  # [Hi, S], the last block may pass Lk
+    tokens = layout.token_index
+    if layout.max_token >= lk:
+        tokens = tokens.clamp(max=lk - 1)  # the last block's slots past Lk (masked below)
     kg, vg = _gather(k, tokens, hi, layout), _gather(v, tokens, hi, layout)
     hg = kg.shape[1]
     g = h // hg  # query heads per gathered head
-    s = tokens.shape[1]
+    visible = _visibility(layout, lq, lk, causal, key_padding_mask, tokens, hg)
+    empty_rows = visible is not None and (
+        key_padding_mask is not None or layout.may_have_empty_rows[causal]
+    )
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qg = q.reshape(b, hg, g * lq, d).to(compute)
     kg, vg = kg.to(compute), vg.to(compute)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Inference: one fused SDPA call over the gathered rows (fewest ops per decode step).
+        mask = None
+        if visible is not None:
+            mask = visible.expand(visible.shape[0], hg, g, lq, s).reshape(-1, hg, g * lq, s)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+        if empty_rows:  # a row that sees no key outputs 0, as in the full op
+            out = torch.where(mask.any(-1, keepdim=True), out, out.new_zeros(()))
+        return out.view(b, h, lq, d).to(q.dtype)
     scores = torch.matmul(qg * scale, kg.transpose(-1, -2)).view(b, hg, g, lq, s)
-
-    # Visibility [.., Hg|1, G|1, Lq, S]: the query's block row keeps the key's block, the key
-    # is a real position (< Lk) and, when causal, not after the query.
-    first = lk - lq  # absolute position of the first query
-    row_a, row_z = first // bs - layout.first_row, (lk - 1) // bs - layout.first_row
-    keep = layout.row_keep
-    if row_a == row_z:
-        keep = keep[:, row_a:row_a + 1]  # every query in one block row: [M, 1, S]
-    else:
-        positions = torch.arange(first, lk, device=q.device)
-        keep = keep.index_select(1, positions // bs - layout.first_row)  # [M, Lq, S]
-    m = keep.shape[0]
-    mh = hg if m > 1 else 1
-    keep = keep.view(mh, m // mh, keep.shape[1], s)
-    tok = layout.token_index.view(hi, 1, 1, s)
-    if causal and lq > 1:
-        limit = torch.arange(first, lk, device=q.device).view(1, 1, lq, 1)
-        visible = keep & (tok <= limit)
-    else:  # causal with one query: key <= Lk - 1 is the same as key < Lk
-        visible = keep & (tok < lk)
-    if key_padding_mask is not None:
-        if hi == 1:
-            real = key_padding_mask.index_select(1, tokens.view(-1))  # [B, S]
-        else:
-            real = key_padding_mask.index_select(1, tokens.view(-1)).view(b, hi, s)
-        visible = visible & real.view(b, -1, 1, 1, s)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if key_padding_mask is not None or layout.may_have_empty_rows[bool(causal)]:
+    if empty_rows:
         # A row that sees no key is NaN after the softmax; the full op outputs 0 there. Zeroing
-        # the probabilities (not the output) keeps NaN out of dV as well.
+        # the probabilities (not the output) keeps NaN out of the gradients as well.
         probs = torch.where(visible.any(-1, keepdim=True), probs, probs.new_zeros(()))
     out = torch.matmul(probs.view(b, hg, g * lq, s), vg)
     return out.view(b, h, lq, d).to(q.dtype)
+
+
+def _visibility(
+    layout: DecodeLayout,
+    lq: int,
+    lk: int,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    tokens: Tensor,
+    hg: int,
+) -> Tensor | None:
+    """bool [B|1, Hg|1, G|1, Lq|1, S]: the query's block row keeps the key's block, the key is a
+    real position (< Lk, not padding) and, when causal, not after the query. None when every
+    gathered key is visible to every query (the usual single-token decode of a shared pattern)."""
+    bs, hi, s = layout.block_size, layout.num_index_heads, layout.gathered_tokens
+    first = lk - lq  # absolute position of the first query
+    causal_cut = causal and lq > 1  # one query at Lk - 1: key <= Lk - 1 is the same as key < Lk
+    if (
+        layout.rows_full and layout.max_token < lk and not causal_cut
+        and key_padding_mask is None
+    ):  # fmt: skip
+        return None
+    row_a = first // bs - layout.first_row
+    keep = layout.row_keep
+    if row_a == (lk - 1) // bs - layout.first_row:
+        keep = keep[:, row_a:row_a + 1]  # every query in one block row: [M, 1, S]
+    else:
+        positions = torch.arange(first, lk, device=tokens.device)
+        keep = keep.index_select(1, positions // bs - layout.first_row)  # [M, Lq, S]
+    m = keep.shape[0]
+    mh = hg if m > 1 else 1
+    visible = keep.view(1, mh, m // mh, keep.shape[1], s)
+    tok = layout.token_index.view(1, hi, 1, 1, s)
+    if causal_cut:
+        limit = torch.arange(first, lk, device=tokens.device).view(1, 1, 1, lq, 1)
+        visible = visible & (tok <= limit)
+    elif layout.max_token >= lk:
+        visible = visible & (tok < lk)
+    if key_padding_mask is not None:
+        real = key_padding_mask.index_select(1, tokens.reshape(-1))  # [B, Hi * S]
+        visible = visible & real.view(real.shape[0], hi, 1, 1, s)
+    return visible
 
 
 def _gather(x: Tensor, tokens: Tensor, hi: int, layout: DecodeLayout) -> Tensor:
