@@ -279,3 +279,10 @@ def test_rows_that_see_nothing_are_zero(grad):
     assert empty.may_have_empty_rows == (True, True)
     out = block_sparse_decode_attention(q, k, v, empty)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_density_is_the_gathered_fraction():
+    pattern = torch.zeros(1, 10, 10, dtype=torch.bool)
+    pattern[0, 9, [0, 8, 9]] = True
+    layout = DecodeLayout.from_pattern(pattern, 4, 38)
+    assert layout.gathered_tokens == 12 and layout.density == pytest.approx(12 / 40)

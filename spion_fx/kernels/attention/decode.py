@@ -13,10 +13,14 @@ per generated token; more for chunked prefill or assisted decoding). The trainin
   it for every decode step until the cache grows into a new block.
 * ``block_sparse_decode_attention(q, k, v, layout, ...)`` gathers those K/V rows (one
   ``index_select`` each) and runs one batched matmul, a softmax (masked only where needed) and a
-  matmul over them. (CPU SDPA over the same gathered rows measured ~1.5x slower for one query.) Its cost is
-  proportional to the kept blocks, not to ``Lk``. No host syncs (CUDA runs the same torch code);
-  the masks that depend on the exact ``Lk`` (partial last block, causal) are built per call from
-  the shapes.
+  matmul over them. Its cost is proportional to the kept blocks, not to ``Lk``. No host syncs
+  (CUDA runs the same torch code); the masks that depend on the exact ``Lk`` (partial last
+  block, causal) are built per call from the shapes.
+
+Measured on CPU (benchmarks/decode_attention.py): the gather copy is most of the cost (it reads
+and writes the kept rows), so one token over an 8192 cache keeping 10 % of its blocks is ~3-4x
+cheaper than dense SDPA, not 10x; reading runs of blocks in place (two matmuls per run) and CPU
+SDPA over the gathered rows were both measured no faster.
 
 Semantics, shared with ``block_sparse_attention`` run on the full sequence of ``Lk`` tokens: the
 query at position ``p`` sees key ``j`` iff block ``(p // bs, j // bs)`` is kept by the pattern,
@@ -141,7 +145,7 @@ class DecodeLayout:
         hi = 1 if m == 1 else (num_kv_heads or m)
         union = rows.reshape(hi, m // hi, nkb - first_row, nkb).any(2).any(1)  # [Hi, nkb]
         counts = union.sum(-1)
-        max_blocks = max(int(counts.max()), 1)  # the one host sync
+        max_blocks = max(int(counts.max()), 1)  # host reads (device syncs) happen only here
         # A stable sort of (not kept) lists the kept blocks first, in ascending order.
         blocks = torch.sort((~union).to(torch.int8), dim=-1, stable=True).indices[:, :max_blocks]
         slot_ok = torch.arange(max_blocks, device=pattern.device) < counts[:, None]  # [Hi, K]
@@ -167,10 +171,11 @@ class DecodeLayout:
             self.rows_full, self.max_token,
         )  # fmt: skip
 
+    @property
     def density(self) -> float:
-        """Fraction of the cache's key blocks gathered per index head (host read)."""
-        kept = self.row_keep.any(1).sum(-1).max()
-        return float(kept) / (self.block_size * self.num_kv_blocks)
+        """Fraction of the cache's key positions a call gathers per index head (padding slots
+        included): what a decode step reads, relative to dense attention."""
+        return self.gathered_tokens / (self.block_size * self.num_kv_blocks)
 
 
 def _empty_rows(rows: Tensor, first_row: int, nkb: int) -> tuple[bool, bool]:
