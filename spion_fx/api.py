@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spion_fx.capture import graph_break_reasons
+from spion_fx.capture import graph_break_reasons, tracing_settings
 from spion_fx.lowering.backend import SpionCompiler
 from spion_fx.passes.expand_mha import mha_fast_paths_off
 from spion_fx.policy import Policy
@@ -57,7 +57,7 @@ def sparsify(
         # (nn.Sequential.forward, ...) but inlines into them from here.
         return call_impl(*args, **kwargs)
 
-    compiled_call = torch.compile(_own_code(run_model, id(state)), backend=compiler, dynamic=False)
+    compiled_call = torch.compile(_own_code(run_model, id(state)), backend=compiler, dynamic=None)
     state.count_steps = "optimizer" if optimizer is not None else "forward"
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -69,7 +69,7 @@ def sparsify(
         if state.count_steps == "forward" and state.training and torch.is_grad_enabled():
             state.on_training_forward()
         try:
-            with mha_fast_paths_off():  # Dynamo then captures nn.TransformerEncoderLayer's open path
+            with mha_fast_paths_off(), tracing_settings():  # Dynamo then captures nn.TransformerEncoderLayer's open path
                 if compiler.attention_checked:
                     return compiled_call(*args, **kwargs)
                 breaks_before = graph_break_reasons()

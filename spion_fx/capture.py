@@ -169,3 +169,44 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
             f"torch.fx.symbolic_trace cannot trace {type(model).__name__} ({exc}); "
             "use spion_fx.capture.capture(model, args) instead, which goes through Dynamo"
         ) from exc
+
+
+def _logging_methods() -> set[Any]:
+    """Logger methods Dynamo should treat as no-ops while it traces a model.
+
+    Dynamo graph-breaks on every `logging.Logger` call. Inside a context manager (PEFT's forward
+    hooks, gradient checkpointing) it cannot resume after a break and skips the whole frame, so
+    one `logger.warning_once(...)` in a model's forward (HF does this: "`loss_type=None` was set in
+    the config…", "`use_cache=True` is incompatible with gradient checkpointing") would cost the
+    model its sites. The price is that such messages are not printed from compiled frames, as
+    with `torch._dynamo.config.ignore_logging_functions` itself.
+    """
+    import logging
+
+    names = ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice")
+    return {method for name in names if (method := getattr(logging.Logger, name, None)) is not None}
+
+
+def tracing_settings() -> Any:
+    """A context in which Dynamo captures models for spion_fx (see `_logging_methods`)."""
+    import torch._dynamo.config as dynamo_config
+
+    for option in ("ignore_logging_functions", "ignore_logger_methods"):  # name by torch version
+        if hasattr(dynamo_config, option):
+            current = set(getattr(dynamo_config, option))
+            return dynamo_config.patch(**{option: current | _logging_methods()})
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def size_hint(size: int | torch.SymInt) -> int:
+    """The value a (possibly symbolic) size has in the example at hand, without a guard.
+
+    ``int(symint)`` would specialise the graph to that value: Dynamo adds a guard and recompiles
+    for the next length, which is what dynamic shapes are meant to avoid.
+    """
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else 0
+    return int(size)

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from spion_fx.capture import map_placeholders, tensor_names
+from spion_fx.capture import map_placeholders, size_hint, tensor_names
 from spion_fx.decisions import Decision
 from spion_fx.lowering.partition import split_at_sites
 from spion_fx.passes.attention_census import attention_like_ops, opaque_attention_calls
@@ -29,7 +29,7 @@ from spion_fx.passes.expand_mha import expand_multi_head_attention
 from spion_fx.passes.rewrite import Rewritten, constant_value, rewrite_sites
 from spion_fx.passes.sites import AttentionSite, LinearSite
 from spion_fx.policy import Policy
-from spion_fx.runtime.attention_site import AttentionSiteModule, AttentionSpec
+from spion_fx.runtime.attention_site import AttentionCall, AttentionSpec
 from spion_fx.runtime.state import SparsityState
 
 
@@ -153,7 +153,7 @@ class SpionCompiler:
                 record.decisions.append(Decision.sparse(site.name, "attention", f"SPION-{policy.attention.variant.upper()}"))
             else:
                 record.decisions.append(Decision.kept_dense(site.name, "attention", why))
-            return module
+            return AttentionCall(module, spec)
         return self._linear_modules.get(site.name)
 
     def _linear_modules_for(self, gm, example_inputs, sites: list[LinearSite], record: GraphRecord) -> dict[str, nn.Module]:
@@ -254,12 +254,12 @@ class VariantRunner:
         self.shapes = []
         self.attention_targets = []
         for item in rewritten:
-            if isinstance(item.module, AttentionSiteModule):
+            if isinstance(item.module, AttentionCall):
                 self.attention_targets.append(item.target)
                 q = item.site.q.meta.get("example_value")
                 k = item.site.k.meta.get("example_value")
                 if q is not None and k is not None and q.dim() == 4:
-                    self.shapes.append((item.module, int(q.shape[-2]), int(k.shape[-2])))
+                    self.shapes.append((item.module.site, size_hint(q.shape[-2]), size_hint(k.shape[-2])))
 
     counts_forwards = False
 

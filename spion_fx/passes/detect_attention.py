@@ -463,7 +463,9 @@ def _attention_shapes(
         return None
     rank = len(qs)
     (*qb, L, D), (*kb, S, Dk), (*vb, Sv, Dv) = qs, ks, vs
-    if Dk != D or Sv != S or kb != vb or tuple(os_) != (*qb, L, Dv):
+    # Keys and values of a dynamic-length cache get sizes Dynamo cannot prove equal (separate
+    # symbols for the cached keys and values): attention itself requires them equal at run time.
+    if Dk != D or not _may_equal(Sv, S) or kb != vb or tuple(os_) != (*qb, L, Dv):
         return None
     if kb != qb:
         # Only GQA may differ, and only in the head dim: H_q a multiple of H_kv.
@@ -477,6 +479,11 @@ def _attention_shapes(
         kv_heads = heads
     return {"rank": rank, "num_heads": _int_or_none(heads), "num_kv_heads": _int_or_none(kv_heads),
             "head_dim": _int_or_none(D), "q_len": _int_or_none(L), "kv_len": _int_or_none(S)}
+
+
+def _may_equal(a: Any, b: Any) -> bool:
+    """Equal sizes, or sizes of which one is symbolic (unknown until run time)."""
+    return a == b or isinstance(a, str) or isinstance(b, str)
 
 
 def _ints(*dims: Any) -> bool:

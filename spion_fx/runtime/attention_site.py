@@ -9,10 +9,12 @@ every call, so a phase change takes effect on the next forward and re-compiles n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from spion_fx.kernels.attention.layout import BlockLayout
 from spion_fx.policy import AttentionPolicy
 
 PHASE_DENSE, PHASE_SPARSE = 0, 1
+KERNELS = ("dense", "probe", "hsa", "sparse")  # what report() counts per site
 # What each entry of the site's statistics buffers holds; read them through the named properties
 # of AttentionSiteModule (probed_batches, skipped_probes, mask_code, checks_done, …).
 PROBED_BATCHES, SKIPPED_PROBES, MASK_CODE = 0, 1, 2  # probe_stats (the probe op's layout)
@@ -94,7 +97,10 @@ class AttentionSiteModule(nn.Module):
         self.probe_seconds = 0.0
         self.check_seconds = 0.0
         self.switch_seconds: float | None = None
-        self._warned_resize = False
+        self._warned: set[str] = set()
+        self._decode_layouts: dict[tuple[int, int, int], Any] = {}  # kernels/attention/decode.py
+        # Calls per kernel since the last phase change (report()): proof that the sparse kernel ran.
+        self.kernel_calls: dict[str, int] = dict.fromkeys(KERNELS, 0)
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -233,7 +239,7 @@ class AttentionSiteModule(nn.Module):
         self.pattern_len = torch.tensor([q_len, kv_len], dtype=torch.long, device=self.phase_code.device)
         self.phase_code.fill_(PHASE_SPARSE)
         self.switch_step.fill_(step)
-        self._built_layouts.clear()
+        self._forget_layouts()
         self.sync_from_buffers()
 
     def record_mass_kept(self, overall: float, per_head: torch.Tensor) -> None:
@@ -241,9 +247,16 @@ class AttentionSiteModule(nn.Module):
         self.mass_kept.fill_(overall)
         self.mass_kept_per_head = per_head.detach().to(device=self.phase_code.device, dtype=torch.float64)
 
+    def _forget_layouts(self) -> None:
+        """The pattern changed (switch, load): layouts built from the old one are stale, and the
+        kernel counts start again for the new phase."""
+        self._built_layouts.clear()
+        self._decode_layouts = {}
+        self.kernel_calls = dict.fromkeys(KERNELS, 0)
+
     def set_dense(self) -> None:
         self.phase_code.fill_(PHASE_DENSE)
-        self._built_layouts.clear()
+        self._forget_layouts()
         self.sync_from_buffers()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -265,7 +278,7 @@ class AttentionSiteModule(nn.Module):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.phase_code.device))
-        self._built_layouts.clear()
+        self._forget_layouts()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_from_buffers()
 
@@ -353,31 +366,40 @@ class AttentionSiteModule(nn.Module):
             )
 
     # ---- compute ---------------------------------------------------------------------------
-    def forward(self, q, k, v, mask=None, scale=None):
-        scale = self.spec.scale if scale is None else scale
+    def forward(self, q, k, v, mask=None, scale=None, *, spec: AttentionSpec | None = None):
+        """Attention as the calling graph computes it, in this site's current phase.
+
+        `spec` is the calling graph's view of the site (a model may reach one attention module
+        through several graphs: training, prefill and decode steps differ in mask and causal
+        flag); the phase, pattern and probes are the site's own.
+        """
+        spec = self.spec if spec is None else spec
+        scale = spec.scale if scale is None else scale
         if self.probing:
-            self._probe(q, k, mask, scale)
+            self._probe(q, k, mask, scale, spec)
         if self.phase == "sparse" and q.dim() == 4:
-            return self._sparse(q, k, v, mask, scale)
+            return self._sparse(q, k, v, mask, scale, spec)
         if self.hsa_active and q.dim() == 4 and q.shape[-2] == k.shape[-2]:
-            return self._hybrid_sparse(q, k, v, mask, scale)
-        if self.spec.form == "sdpa":
-            return self._dense_sdpa(q, k, v, mask, scale)
-        return self._dense_eager(q, k, v, mask, scale)
+            self.kernel_calls["hsa"] += 1
+            return self._hybrid_sparse(q, k, v, mask, scale, spec)
+        self.kernel_calls["dense"] += 1
+        if spec.form == "sdpa":
+            return self._dense_sdpa(q, k, v, mask, scale, spec)
+        return self._dense_eager(q, k, v, mask, scale, spec)
 
-    def _dropout_p(self) -> float:
-        if self.spec.dropout_train_only and not self.training:
+    def _dropout_p(self, spec: AttentionSpec) -> float:
+        if spec.dropout_train_only and not self.training:
             return 0.0
-        return self.spec.dropout_p
+        return spec.dropout_p
 
-    def _dense_sdpa(self, q, k, v, mask, scale):
-        kwargs = {"enable_gqa": True} if self.spec.enable_gqa else {}
+    def _dense_sdpa(self, q, k, v, mask, scale, spec):
+        kwargs = {"enable_gqa": True} if spec.enable_gqa else {}
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self._dropout_p(),
-            is_causal=self.spec.is_causal, scale=scale, **kwargs,
+            q, k, v, attn_mask=mask, dropout_p=self._dropout_p(spec),
+            is_causal=spec.is_causal, scale=scale, **kwargs,
         )
 
-    def _dense_eager(self, q, k, v, mask, scale):
+    def _dense_eager(self, q, k, v, mask, scale, spec):
         if q.dim() == 4 and k.shape[1] != q.shape[1]:
             # detection hands us k/v before HF's repeat_kv (GQA); repeat_kv == repeat_interleave
             group = q.shape[1] // k.shape[1]
@@ -385,62 +407,109 @@ class AttentionSiteModule(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2))
         if scale is not None:
             scores = scores * scale
-        scores = _apply_mask(scores, mask, self.spec.mask_kind, self.spec.mask_fill_value)
-        if self.spec.is_causal:
+        scores = _apply_mask(scores, mask, spec.mask_kind, spec.mask_fill_value)
+        if spec.is_causal:
             lq, lk = scores.shape[-2:]
             causal = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
-        if self.spec.softmax_dtype is not None:
-            probs = torch.softmax(scores, dim=-1, dtype=self.spec.softmax_dtype).to(q.dtype)
+        if spec.softmax_dtype is not None:
+            probs = torch.softmax(scores, dim=-1, dtype=spec.softmax_dtype).to(q.dtype)
         else:
             probs = torch.softmax(scores, dim=-1)
-        p = self._dropout_p()
+        p = self._dropout_p(spec)
         if p > 0:
             probs = F.dropout(probs, p=p, training=True)
         return torch.matmul(probs, v)
 
-    def _probe(self, q, k, mask, scale):
+    def _probe(self, q, k, mask, scale, spec):
         lq, lk = q.shape[-2], k.shape[-2]
         if not self.fit_probe_frame(lq, lk):
             return  # queries and keys of another non-square shape (a key-value cache)
         s = float(scale) if isinstance(scale, (int, float)) else 1.0 / math.sqrt(q.shape[-1])
-        causal = self.spec.is_causal
+        causal = spec.is_causal
         start = time.perf_counter()
         before = self.probed_batches
         torch.ops.spion.attention_probe(
             self.probe_accum, self.probe_stats, q.detach(), k.detach(),
-            None if mask is None else mask.detach(), _MASK_KINDS[self.spec.mask_kind], s, causal,
+            None if mask is None else mask.detach(), _MASK_KINDS[spec.mask_kind], s, causal,
         )
+        self.kernel_calls["probe"] += 1
         if self.probed_batches > before:  # skipped (non-finite) batches cover nothing
             self.probe_count[: max(lq, lk)] += 1
         self.probe_seconds += time.perf_counter() - start
 
-    def _hybrid_sparse(self, q, k, v, mask, scale):
+    def _hybrid_sparse(self, q, k, v, mask, scale, spec):
         from spion_fx.kernels.attention.hsa import hybrid_sparse_attention
 
         key_padding = None
-        if mask is not None and self.spec.mask_kind != "none":
-            key_padding = _key_padding(mask, self.spec.mask_kind, q.shape[0])
+        if mask is not None and spec.mask_kind != "none":
+            key_padding = _key_padding(mask, spec.mask_kind, q.shape[0])
         local = self.policy.hsa_local if self.policy.hsa_mode == "local+strided" else 0
         q, k, v = _common_dtype(q, k, v)
         return hybrid_sparse_attention(
             q, k, v, stride=self.policy.hsa_stride, local=local, scale=scale,
-            key_padding_mask=key_padding, dropout_p=self._dropout_p(),
+            key_padding_mask=key_padding, dropout_p=self._dropout_p(spec),
         )
 
-    def _sparse(self, q, k, v, mask, scale):
+    def _sparse(self, q, k, v, mask, scale, spec):
         from spion_fx.kernels import block_sparse_attention
 
         q, k, v = _common_dtype(q, k, v)
         lq, lk = q.shape[-2], k.shape[-2]
-        layout = self._layout(lq, lk)
+        causal = self.causal or spec.is_causal
         key_padding = None
-        if mask is not None and self.spec.mask_kind != "none":
-            key_padding = _key_padding(mask, self.spec.mask_kind, q.shape[0])
+        if mask is not None and spec.mask_kind != "none":
+            key_padding = _key_padding(mask, spec.mask_kind, q.shape[0])
+        if lq < lk:
+            return self._sparse_decode(q, k, v, key_padding, scale, spec, causal)
+        self.kernel_calls["sparse"] += 1
         return block_sparse_attention(
-            q, k, v, layout, scale=scale, causal=self.causal, key_padding_mask=key_padding,
-            dropout_p=self._dropout_p(), compat=self.policy.compat,
+            q, k, v, self._layout(lq, lk), scale=scale, causal=causal, key_padding_mask=key_padding,
+            dropout_p=self._dropout_p(spec), compat=self.policy.compat,
         )
+
+    def _sparse_decode(self, q, k, v, key_padding, scale, spec, causal):
+        """Queries at the end of a key-value cache (generation): each new token attends to the
+        key blocks its block row of the pattern keeps, exactly as the rows of a full forward
+        over the same tokens would (kernels/attention/decode.py)."""
+        from spion_fx.kernels.attention.decode import block_sparse_decode_attention
+
+        if self._dropout_p(spec) > 0 or self.policy.compat is not None:
+            # no dropout / SPION-compat softmax in the decode kernel: training with a cache
+            self.kernel_calls["dense"] += 1
+            self._warn_once("decode_dense", "queries fewer than keys with dropout or compat='spion' "
+                            "in training: this call runs dense")
+            return self._dense_sdpa(q, k, v, None if key_padding is None else key_padding[:, None, None, :],
+                                    scale, dataclasses.replace(spec, is_causal=False))
+        self.kernel_calls["sparse"] += 1
+        layout = self._decode_layout(q.shape[-2], k.shape[-2], k.shape[1])
+        return block_sparse_decode_attention(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding)
+
+    def _decode_layout(self, lq: int, lk: int, kv_heads: int):
+        """The decode layout for ceil(Lk / block) key blocks, built once and reused until the
+        cache grows into a new block (a host read of the pattern per new block)."""
+        from spion_fx.kernels.attention.decode import DecodeLayout
+        from spion_fx.runtime.pattern import resize_pattern
+
+        bs = self.policy.block_size
+        nk, rows = -(-lk // bs), -(-lq // bs) + 1  # a query chunk may straddle one more block row
+        key = (nk, rows, kv_heads)
+        layout = self._decode_layouts.get(key)
+        if layout is None or layout.device != self.pattern.device:
+            pattern = self.pattern
+            if pattern.shape[-1] < nk:
+                self._warn_resize(nk, pattern.shape[-2])
+                pattern = torch.stack([resize_pattern(p, nk) for p in pattern])
+            # one cached layout per cache length in blocks: drop the ones the cache grew out of
+            self._decode_layouts = {k_: v_ for k_, v_ in self._decode_layouts.items() if k_[0] >= nk}
+            layout = DecodeLayout.from_pattern(pattern, bs, lk, min(rows * bs, lk), num_kv_heads=kv_heads)
+            self._decode_layouts[key] = layout
+        return layout
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"spion_fx: attention site {self.spec.name!r}: {message}", stacklevel=3)
 
     _LAYOUT_FIELDS = ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")
 
@@ -470,16 +539,33 @@ class AttentionSiteModule(nn.Module):
     def _resized(self, pattern: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         from spion_fx.runtime.pattern import resize_pattern
 
-        if nq > pattern.shape[-2] and not self._warned_resize:
-            self._warned_resize = True
-            warnings.warn(
-                f"spion_fx: attention site {self.spec.name!r} sees {nq} blocks per row but its "
-                f"pattern was made for {pattern.shape[-2]}; extending it with the diagonal band",
-                stacklevel=2,
-            )
         if nq != nk:
             raise ValueError(f"site {self.spec.name!r}: block-sparse attention needs Lq == Lk blocks")
+        self._warn_resize(nq, pattern.shape[-2])
         return torch.stack([resize_pattern(p, nq) for p in pattern])
+
+    def _warn_resize(self, blocks: int, made_for: int) -> None:
+        if blocks > made_for:
+            self._warn_once("resize", f"sees {blocks} blocks per row but its pattern was made for "
+                            f"{made_for}; extending it with the diagonal band")
+
+
+class AttentionCall(nn.Module):
+    """One graph's call of an attention site: the graph's own spec, the site's shared state.
+
+    A model reaches one attention module through several graphs (training at full length,
+    prefill, decode steps with a key-value cache): they differ in mask and causal flag, and each
+    must compute what its own graph computed, while the phase, pattern and probes belong to the
+    layer. The rewritten graph calls this module; the site lives in the SparsityState.
+    """
+
+    def __init__(self, site: AttentionSiteModule, spec: AttentionSpec) -> None:
+        super().__init__()
+        self.site = site
+        self.spec = spec
+
+    def forward(self, q, k, v, mask=None, scale=None):
+        return self.site(q, k, v, mask, scale, spec=self.spec)
 
 
 def _common_dtype(q, k, v):
