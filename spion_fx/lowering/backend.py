@@ -23,12 +23,12 @@ from torch import nn
 
 from spion_fx.capture import map_placeholders, size_hint, tensor_names
 from spion_fx.decisions import Decision
-from spion_fx.lowering.partition import split_at_sites
+from spion_fx.lowering.checkpoint_regions import rewrite_checkpoint_regions
+from spion_fx.lowering.partition import CompileOnFirstCall, split_at_sites
 from spion_fx.passes.attention_census import attention_like_ops, opaque_attention_calls
 from spion_fx.passes.expand_mha import expand_multi_head_attention
 from spion_fx.passes.rewrite import Rewritten, constant_value, rewrite_sites
 from spion_fx.passes.sites import AttentionSite, LinearSite
-from spion_fx.policy import Policy
 from spion_fx.runtime.attention_site import AttentionCall, AttentionSpec
 from spion_fx.runtime.state import SparsityState
 
@@ -86,14 +86,18 @@ class SpionCompiler:
         record.unmatched_attention = attention_like_ops(gm, {n for s in attention for n in s.nodes})
         self._linear_modules = self._linear_modules_for(gm, example_inputs, linear, record)
         rewritten = rewrite_sites(gm, [*attention, *linear], lambda s: self._module_for(s, record))
-        record.rewritten = rewritten
+        record.rewritten = list(rewritten)
+        # sites inside activation-checkpointed blocks; each block is then called eagerly, like a site
+        regions = rewrite_checkpoint_regions(self, gm, names, example_inputs, record)
         record.graph_module = gm
         self.records.append(record)
         self.state.graph_records = self.records
         if self._model is None and opaque_attention_calls(gm):
             # a bare torch.compile(backend="spion") has no end-of-forward hook: warn on evidence
             self.warn_if_no_attention()
-        return VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+        runner = VariantRunner(gm, example_inputs, self.state, self.inner, rewritten)
+        runner.attention_targets += regions
+        return runner
 
     attention_checked = False
 
@@ -283,9 +287,7 @@ class VariantRunner:
             # Attention sites run eagerly between compiled parts (lowering/partition.py), so
             # their phase changes never reach the variant key and never re-lower.
             return split_at_sites(gm, self.attention_targets, self.compile)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return self.compile(gm, self.example_inputs)
+        return CompileOnFirstCall(gm, self.compile)
 
 
 class InstanceDispatcher:
@@ -328,29 +330,11 @@ class InstanceDispatcher:
 def spion_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     """Entry point for ``torch.compile(model, backend="spion", options={"policy": ...})``.
 
-    Options: ``policy`` (Policy, preset name or dict), ``inner`` ("inductor" | "eager" |
-    "aot_eager"), ``state`` (a SparsityState to share, e.g. the one `sparsify` attached).
-    Without a state, one is created per policy object and kept in ``spion_fx.lowering.backend.STATES``.
+    Options: ``policy`` (Policy, preset name or dict), every override `sparsify` takes
+    (``block_size``, ``probe_interval``, ...), ``inner`` ("inductor" | "eager" | "aot_eager"),
+    ``state`` (a SparsityState to use). The state is attached to the compiled module as
+    ``model.spion_state`` (lowering/backend_entry.py says how the module is found).
     """
-    options = dict(kwargs.get("options") or {})
-    unknown = set(options) - {"policy", "inner", "state"}
-    if unknown:
-        raise ValueError(f"unknown spion backend option(s) {sorted(unknown)}; known: policy, inner, state")
-    state = options.get("state")
-    if state is None:
-        policy = Policy.coerce(options.get("policy"))
-        key = options.get("policy") if isinstance(options.get("policy"), (str, type(None))) else id(options["policy"])
-        if key not in STATES:
-            STATES[key] = SparsityState(policy)
-            STATES[key].count_steps = "forward"
-        state = STATES[key]
-    if id(state) not in _COMPILERS:
-        _COMPILERS[id(state)] = SpionCompiler(
-            state, inner=options.get("inner"), counts_forwards=state.count_steps == "forward"
-        )
-    compiler = _COMPILERS[id(state)]
-    return compiler(gm, example_inputs)
+    from spion_fx.lowering.backend_entry import compile_graph
 
-
-STATES: dict[object, SparsityState] = {}
-_COMPILERS: dict[int, SpionCompiler] = {}
+    return compile_graph(gm, example_inputs, kwargs.get("options"))

@@ -32,11 +32,16 @@ Compile = Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]
 
 
 class CompileOnFirstCall:
-    """A partition lowered by the inner compiler with the inputs of its first call.
+    """A graph lowered by the inner compiler on its first call, for every length at once.
 
     Its inputs are intermediate values of the model, which exist only at run time; the runner
     that owns it is built once per variant, so the first call's grad mode and train/eval mode are
-    the ones it will always see.
+    the ones it will always see. The graph is compiled through a nested ``torch.compile`` with
+    the inner compiler as its backend: handing the inner compiler the real tensors of one call
+    would specialise it to their sizes (inductor asserts them), and a model trained on batches
+    of many lengths, or generating with a growing cache, would fail or re-lower per length.
+    Dimensions that are symbolic in the captured graph (Dynamo made them dynamic) are marked
+    dynamic on the first call's inputs, so one compilation serves every length.
     """
 
     def __init__(self, gm: fx.GraphModule, compile_fn: Compile) -> None:
@@ -50,14 +55,37 @@ class CompileOnFirstCall:
         if self.unwrap:
             output.args = ((output.args[0],),)
             gm.recompile()
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.dynamic_dims = [symbolic_dims(n.meta.get("example_value")) for n in placeholders]
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.compiled = self.compile_fn(self.gm, list(args))
-        out = self.compiled(*args)
+            self.compiled = self._compile()
+        for value, dims in zip(args, self.dynamic_dims):
+            if dims and isinstance(value, torch.Tensor):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            out = self.compiled(*args)
         return out[0] if self.unwrap else out
+
+    def _compile(self) -> Callable[..., Any]:
+        compile_fn = self.compile_fn
+
+        def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+            return compile_fn(gm, example_inputs)
+
+        # dynamic=None: the marked dimensions are dynamic from the first call, the rest static
+        return torch.compile(self.gm, backend=backend, dynamic=None, fullgraph=True)
+
+
+def symbolic_dims(value: Any) -> tuple[int, ...]:
+    """Dimensions of a captured example value whose size is symbolic (dynamic in the graph)."""
+    if not isinstance(value, torch.Tensor):
+        return ()
+    return tuple(i for i, size in enumerate(value.shape) if isinstance(size, torch.SymInt)
+                 and size.node.maybe_as_int() is None)
 
 
 class EagerSite:
