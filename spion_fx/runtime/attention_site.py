@@ -375,8 +375,19 @@ class AttentionSiteModule(nn.Module):
         """
         spec = self.spec if spec is None else spec
         scale = spec.scale if scale is None else scale
+        if torch._C._current_graph_task_id() != -1:
+            # inside the autograd engine: a checkpointed block recomputed in backward
+            # (lowering/checkpoint_regions.py), whose forward already probed and counted
+            counts = dict(self.kernel_calls)
+            try:
+                return self._compute(q, k, v, mask, scale, spec)
+            finally:
+                self.kernel_calls.update(counts)
         if self.probing:
             self._probe(q, k, mask, scale, spec)
+        return self._compute(q, k, v, mask, scale, spec)
+
+    def _compute(self, q, k, v, mask, scale, spec):
         if self.phase == "sparse" and q.dim() == 4:
             return self._sparse(q, k, v, mask, scale, spec)
         if self.hsa_active and q.dim() == 4 and q.shape[-2] == k.shape[-2]:
