@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -11,11 +12,11 @@ from torch import nn
 
 from spion_fx.capture import graph_break_reasons, tracing_settings
 from spion_fx.lowering.backend import SpionCompiler
+from spion_fx.lowering.backend_entry import STATE_ATTR, attach_backend_state
+from spion_fx.lowering.fallback import check_forward, recompile_limit
 from spion_fx.passes.expand_mha import mha_fast_paths_off
 from spion_fx.policy import Policy
 from spion_fx.runtime.state import SparsityState
-
-STATE_ATTR = "spion_state"
 
 
 def sparsify(
@@ -57,7 +58,12 @@ def sparsify(
         # (nn.Sequential.forward, ...) but inlines into them from here.
         return call_impl(*args, **kwargs)
 
-    compiled_call = torch.compile(_own_code(run_model, id(state)), backend=compiler, dynamic=None)
+    own_run_model = _own_code(run_model, id(state))
+    compiled_code = own_run_model.__code__
+    # dynamic=None: the first call compiles for its shapes; a second length makes the changed
+    # dimensions symbolic, and from then on one graph serves every length (and cache length).
+    compiled_call = torch.compile(own_run_model, backend=compiler, dynamic=None)
+    _LIVE_STATES.add(state)
     state.count_steps = "optimizer" if optimizer is not None else "forward"
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -69,12 +75,16 @@ def sparsify(
         if state.count_steps == "forward" and state.training and torch.is_grad_enabled():
             state.on_training_forward()
         try:
-            with mha_fast_paths_off(), tracing_settings():  # Dynamo then captures nn.TransformerEncoderLayer's open path
+            # mha_fast_paths_off: Dynamo then captures nn.TransformerEncoderLayer's open path
+            with mha_fast_paths_off(), tracing_settings(recompile_limit=_recompile_limit_for(state)):
+                calls_before = state.graph_calls
                 if compiler.attention_checked:
-                    return compiled_call(*args, **kwargs)
-                breaks_before = graph_break_reasons()
-                result = compiled_call(*args, **kwargs)
-                compiler.warn_if_no_attention(_new_graph_breaks(breaks_before))
+                    result = compiled_call(*args, **kwargs)
+                else:
+                    breaks_before = graph_break_reasons()
+                    result = compiled_call(*args, **kwargs)
+                    compiler.warn_if_no_attention(_new_graph_breaks(breaks_before))
+                check_forward(state, calls_before, compiled_code, type(model).__name__)
                 return result
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             # our own user-facing errors (bad checkpoint, bad policy) surface as themselves
@@ -87,6 +97,17 @@ def sparsify(
     if optimizer is not None:
         state.attach_optimizer(optimizer)
     return model
+
+
+# Sparsified models alive in this process, only counted: frames Dynamo shares between models
+# (the decorated wrappers of HF forwards, the rest of a forward after a graph break) keep one
+# compiled entry per model, and Dynamo's recompile limit (8 per code object) would leave the
+# ninth model of a notebook or a sweep without sites.
+_LIVE_STATES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _recompile_limit_for(state: SparsityState) -> int:
+    return max(recompile_limit(), 4 * (len(_LIVE_STATES) + 1))
 
 
 def _new_graph_breaks(before: dict[str, int]) -> list[str]:
@@ -116,10 +137,26 @@ def desparsify(model: nn.Module) -> nn.Module:
 
 
 def get_state(model: nn.Module) -> SparsityState:
-    state = getattr(model, STATE_ATTR, None)
+    """The model's `SparsityState` (``model.spion_state``), from `sparsify` or the `spion` backend
+    (attached at its first compile); a ``torch.compile`` wrapper is looked through."""
+    state = getattr(getattr(model, "_orig_mod", model), STATE_ATTR, None)
     if not isinstance(state, SparsityState):
-        raise ValueError("model is not sparsified: call spion_fx.sparsify(model, policy) first")
+        raise ValueError(
+            "model is not sparsified: call spion_fx.sparsify(model, policy) first (or run the "
+            "model once after torch.compile(model, backend='spion', options=...))"
+        )
     return state
+
+
+def attach_state(model: nn.Module, options: dict[str, Any] | None = None) -> SparsityState:
+    """Attach now the state ``torch.compile(model, backend="spion", options=options)`` attaches at
+    its first compile, so a checkpoint can be loaded before the first forward::
+
+        spion_fx.api.attach_state(model, options)
+        model.load_state_dict(checkpoint)
+        compiled = torch.compile(model, backend="spion", options=options)
+    """
+    return attach_backend_state(model, options)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -187,17 +187,20 @@ def _logging_methods() -> set[Any]:
     return {method for name in names if (method := getattr(logging.Logger, name, None)) is not None}
 
 
-def tracing_settings() -> Any:
-    """A context in which Dynamo captures models for spion_fx (see `_logging_methods`)."""
+def tracing_settings(*, recompile_limit: int | None = None) -> Any:
+    """A context in which Dynamo captures models for spion_fx: logger methods are no-ops while
+    tracing (see `_logging_methods`), and the recompile limit is `recompile_limit` if given."""
     import torch._dynamo.config as dynamo_config
 
+    changes: dict[str, Any] = {}
     for option in ("ignore_logging_functions", "ignore_logger_methods"):  # name by torch version
         if hasattr(dynamo_config, option):
-            current = set(getattr(dynamo_config, option))
-            return dynamo_config.patch(**{option: current | _logging_methods()})
-    import contextlib
-
-    return contextlib.nullcontext()
+            changes[option] = set(getattr(dynamo_config, option)) | _logging_methods()
+            break
+    if recompile_limit is not None:
+        option = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        changes[option] = recompile_limit
+    return dynamo_config.patch(**changes)
 
 
 def size_hint(size: int | torch.SymInt) -> int:

@@ -14,6 +14,7 @@ from spion_fx.runtime.state import SparsityState
 def build_report(state: SparsityState) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [_attention_row(site) for site in state.attention_sites()]
     rows += _attention_kept_dense(state, {row["site"] for row in rows})
+    rows += _eager_forwards(state)
     if state.linear is not None:
         for entry in state.linear.report():
             rows.append({"kind": "linear", **entry})
@@ -50,8 +51,23 @@ def _attention_row(site: Any) -> dict[str, Any]:
         "switch_s": site.switch_seconds if site.phase == "sparse" else None,
         "checks": site.checks_done,
         "last_change": None if math.isnan(site.last_change) else site.last_change,
+        # Calls per kernel since the last phase change: evidence that the sparse kernel ran.
+        "kernel_calls": dict(site.kernel_calls),
         "note": "" if ok else why,
     }
+
+
+def _eager_forwards(state: SparsityState) -> list[dict[str, Any]]:
+    """Forwards Dynamo ran without our graphs (lowering/fallback.py): every site was dense."""
+    if not state.eager_forwards:
+        return []
+    reasons = [e["reason"] for e in state.events if e.get("event") == "eager_fallback"]
+    return [{
+        "site": "whole model", "kind": "summary", "phase": "ran eagerly (dense)",
+        "eager_forwards": state.eager_forwards,
+        "note": f"{state.eager_forwards} forward(s) ran without spion_fx's graphs: "
+                + (reasons[0] if reasons else "Dynamo fell back to eager"),
+    }]
 
 
 def _attention_kept_dense(state: SparsityState, listed: set[str]) -> list[dict[str, Any]]:
@@ -97,7 +113,11 @@ def _phase_cell(row: dict[str, Any]) -> str:
 
 
 def _kernel_cell(row: dict[str, Any]) -> str:
-    """After finalize: the kernel each N:M layer got and its measured speed relative to dense."""
+    """Attention: calls per kernel since the last phase change. N:M layers after finalize: the
+    kernel each got and its measured speed relative to dense."""
+    calls = row.get("kernel_calls")
+    if calls is not None:
+        return ", ".join(f"{name} {count}" for name, count in calls.items() if count)
     kernel, ratio = row.get("kernel"), row.get("vs_dense")
     if not kernel:
         return ""

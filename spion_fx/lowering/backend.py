@@ -268,6 +268,7 @@ class VariantRunner:
     counts_forwards = False
 
     def __call__(self, *args):
+        self.state.graph_calls += 1
         if self.counts_forwards and self.state.training and torch.is_grad_enabled():
             self.state.on_training_forward()
         key = self.state.variant_key()

@@ -42,6 +42,10 @@ class SparsityState(nn.Module):
         self.version = 0  # bumped on every change that needs re-lowering
         self._pending: dict[str, torch.Tensor] = {}  # checkpoint entries of sites not built yet
         self.events: list[dict[str, Any]] = []  # switches, warnings: for report() and the demo
+        # Calls of the backend's graphs, and forwards that made none although the model has
+        # sites: Dynamo ran them eagerly, i.e. dense (lowering/fallback.py).
+        self.graph_calls = 0
+        self.eager_forwards = 0
         self.register_load_state_dict_pre_hook(_defer_unknown_sites)
         self.count_steps = "optimizer"  # or "forward": a training forward ends the previous step
         self._forward_seen = False
