@@ -61,6 +61,9 @@ class SpionCompiler:
         self.inner = inner or state.policy.inner_compiler
         self._model = model
         self._names_by_id = tensor_names(model) if model is not None else {}
+        # the model's own class name names a site held by the root module itself
+        self._root_name = type(model).__name__ if model is not None else None
+        self._root_sites: set[str] = set()
         self.records: list[GraphRecord] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -78,7 +81,7 @@ class SpionCompiler:
         names = map_placeholders(gm, example_inputs, self._names_by_id)
         mha = expand_multi_head_attention(gm)
         attention, linear = detect_sites(gm, names)
-        _qualify_site_names(attention, linear, len(self.records))
+        self._root_sites |= _qualify_site_names(attention, linear, len(self.records), self._root_name)
         record = GraphRecord(len(self.records), attention, linear, [])
         record.decisions += [  # MHAExpansion.dense_reason is prose that starts with "dense: "
             Decision.kept_dense(e.name or "model", "attention", e.dense_reason.removeprefix("dense: "))
@@ -123,7 +126,7 @@ class SpionCompiler:
     def _unresolved(self, site: AttentionSite | LinearSite, record: GraphRecord) -> bool:
         """A site whose module path does not exist in the model must not get state: its graph
         may be shared by several modules (FSDP2 blocks), which would then share one pattern."""
-        if self._model is None:
+        if self._model is None or site.name in self._root_sites:
             return False
         try:
             self._model.get_submodule(site.name)
@@ -185,25 +188,38 @@ class SpionCompiler:
         return modules
 
 
-def _qualify_site_names(attention: list[AttentionSite], linear: list[LinearSite], index: int) -> None:
+def _qualify_site_names(
+    attention: list[AttentionSite], linear: list[LinearSite], index: int, root_name: str | None = None,
+) -> set[str]:
     """Make site names full module paths even in graphs that Dynamo started in a submodule.
 
     After a graph break Dynamo compiles the rest of a submodule's forward as its own frame, and
     nn_module_stack paths are then relative to that submodule (``qkv``, or ``""`` for the
     submodule itself). Parameter names are always absolute, so a linear site whose parameter is
     ``blocks.1.qkv.weight`` and whose relative name is ``qkv`` reveals the prefix ``blocks.1.``.
+
+    A site with no module path in a graph whose parameters reveal the empty prefix is the root
+    module itself (``sparsify(MyAttention())``): it is named `root_name` (the model's class
+    name). Returns the names given to root sites; any other site without a path is named
+    ``<graph N>`` and stays dense (its owner cannot be told).
     """
     prefixes = set()
     for site in linear:
         suffix = f"{site.name}.{site.weight_name.rsplit('.', 1)[-1]}" if site.name else site.weight_name.rsplit(".", 1)[-1]
         if site.weight_name.endswith(suffix):
             prefixes.add(site.weight_name[: len(site.weight_name) - len(suffix)])
-    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    prefix = prefixes.pop() if len(prefixes) == 1 else None
+    root_sites: set[str] = set()
     for site in [*attention, *linear]:
         if prefix and not (site.name + ".").startswith(prefix):
             site.name = f"{prefix}{site.name}".rstrip(".")
         if not site.name:
-            site.name = f"<graph {index}>"
+            if prefix == "" and root_name:
+                site.name = root_name
+                root_sites.add(root_name)
+            else:
+                site.name = f"<graph {index}>"
+    return root_sites
 
 
 def attention_spec(site: AttentionSite) -> AttentionSpec | None:
