@@ -108,6 +108,8 @@ def normalize_module_path(path: str) -> str:
     path = _SOURCE_PART.sub(r".\1", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
     path = path.strip(".")
+    # modules reached through the instance dict (PEFT: self.__dict__["_modules"]["base_model"])
+    path = re.sub(r"(?:^|(?<=\.))__dict__\._modules\.", "", path)
     # sparsify compiles a closure over the bound model._call_impl: its paths start at __self__
     while path == "__self__" or path.startswith("__self__."):
         path = path[len("__self__."):] if path != "__self__" else ""
