@@ -6,8 +6,9 @@ model it describes (``model.spion_state``, as `sparsify` attaches it), so that
 model is found in what Dynamo leaves reachable while it calls the backend:
 
 1. the frame being compiled: a parameter placeholder's source (``L['self']._modules[...]
-   ._parameters['weight']``) ends in a local of that frame, read from the translator's
-   ``f_locals`` (``InstructionTranslator.current_tx()``, present since torch 2.1);
+   ._parameters['weight']``, or ``G['model']...``) ends in a local or global of that frame,
+   read from the translator's ``f_locals`` / ``f_globals`` (``InstructionTranslator.current_tx()``,
+   checked on torch 2.13; where it is missing or differs, step 2 alone decides);
 2. the Python stack: the module `torch.compile` wrapped (an ``OptimizedModule``'s ``_orig_mod``,
    or a module whose ``compile()`` set ``_compiled_call_impl``) and any module that already has a
    state, e.g. the root model while a graph break compiles one of its blocks as a frame of its own.
@@ -155,6 +156,8 @@ class ModelRouter:
     parameters is routed by the stack on every call, if it has attention sites.
     """
 
+    MAX_PARAMETERS = 256
+
     def __init__(self, options: BackendOptions, pristine: fx.GraphModule, example_inputs, state: SparsityState, dispatcher):
         self.options = options
         self.pristine = pristine
@@ -176,6 +179,8 @@ class ModelRouter:
             return self.primary(*args)
         hit = self.seen.get(id(param))
         if hit is None or hit[0]() is not param:
+            if len(self.seen) >= self.MAX_PARAMETERS:  # ever-new parameters (sharded): stop looking;
+                return self.primary(*args)  # InstanceDispatcher then runs the graph dense
             hit = self.seen[id(param)] = (weakref.ref(param), self._route(param, args))
         return hit[1](*args)
 
