@@ -159,3 +159,28 @@ def test_plain_module_checkpoint(inner):
     assert all(site.phase == "sparse" and site.kernel_calls["sparse"] > 0 for site in sites.values())
     assert len(_regions(checkpointed)) == 2
     assert calls[1] == 2 * calls[0] > 0
+
+
+def test_linear_sites_inside_a_checkpointed_block():
+    """N:M linear sites in a checkpointed block are found and masked as outside one (the body
+    holds no attention site: the region lowers the whole body at once)."""
+    torch.manual_seed(0)
+    reference = Net(checkpointing=False)
+    checkpointed = copy.deepcopy(reference)
+    checkpointed.checkpointing = True
+    models = (reference, checkpointed)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    for model, optimizer in zip(models, optimizers):
+        spion_fx.sparsify(model, "nm-2:4", optimizer=optimizer, inner="eager")
+    for step in range(3):
+        grads = []
+        for model, optimizer in zip(models, optimizers):
+            _net_loss(model, torch.Generator().manual_seed(step), step).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+        for got, want in zip(*grads[::-1]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    linear = spion_fx.get_state(checkpointed).graph_records[0].linear_sites
+    assert sorted(s.name for s in linear) == ["blocks.0.proj", "blocks.0.qkv", "blocks.1.proj", "blocks.1.qkv", "embed"]
+    assert len(_regions(checkpointed)) == 2
