@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spion_fx.capture import owning_module
+from spion_fx.passes.dead_code import eliminate_dead_code
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -119,7 +120,7 @@ def expand_multi_head_attention(gm: fx.GraphModule) -> list[MHAExpansion]:
         else:
             done.append(MHAExpansion(name, True))
     if done:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return done

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from spion_fx.passes.dead_code import eliminate_dead_code
 from spion_fx.passes.sites import AttentionSite, LinearSite
 
 Site = AttentionSite | LinearSite
@@ -49,7 +50,7 @@ def rewrite_sites(
         node.meta["spion_site"] = site.name
         site.output.replace_all_uses_with(node)
         done.append(Rewritten(site, target, node, module))
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return done

@@ -472,6 +472,7 @@ class AttentionSiteModule(nn.Module):
         if mask is not None and spec.mask_kind != "none":
             key_padding = _key_padding(mask, spec.mask_kind, q.shape[0])
         if lq < lk:
+            k, v, key_padding = _crop_unwritten_cache(k, v, key_padding)
             return self._sparse_decode(q, k, v, key_padding, scale, spec, causal)
         self.kernel_calls["sparse"] += 1
         return block_sparse_attention(
@@ -577,6 +578,20 @@ class AttentionCall(nn.Module):
 
     def forward(self, q, k, v, mask=None, scale=None):
         return self.site(q, k, v, mask, scale, spec=self.spec)
+
+
+def _crop_unwritten_cache(k, v, key_padding):
+    """Keys up to the last one any query may see: a static cache (HF's StaticCache) hands over
+    all of its slots, the unwritten ones masked; the newest query sits at the last visible key,
+    not at the end of the slots, and the decode kernel places queries at the end of the keys.
+    Reading the mask costs a host sync on CUDA, only when a mask is given."""
+    if key_padding is None:
+        return k, v, key_padding
+    visible = key_padding.any(0).nonzero()
+    last = int(visible.max()) + 1 if visible.numel() else k.shape[-2]
+    if last == k.shape[-2]:
+        return k, v, key_padding
+    return k[..., :last, :], v[..., :last, :], key_padding[:, :last]
 
 
 def _common_dtype(q, k, v):
