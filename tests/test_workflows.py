@@ -117,8 +117,8 @@ def test_static_cache_decoding_is_sparse_and_consistent():
 def test_decode_reads_only_the_kept_blocks():
     """After the switch a decode step attends to the key blocks its block row keeps: changing a
     key the pattern drops for the last row changes nothing, changing a kept one does."""
-    from spion_fx.runtime.attention_site import AttentionSiteModule, AttentionSpec
     from spion_fx.policy import AttentionPolicy
+    from spion_fx.runtime.attention_site import AttentionSiteModule, AttentionSpec
 
     site = AttentionSiteModule(AttentionSpec("attn", is_causal=True), AttentionPolicy(method="spion", block_size=16))
     pattern = torch.eye(4, dtype=torch.bool)
