@@ -273,6 +273,8 @@ class VariantRunner:
         self.cache: dict[tuple, Callable[..., Any]] = {}
         self.shapes = []
         self.attention_targets = []
+        # the linear sites this graph calls: its variants depend on their modes only
+        self.linear_sites = [item.module for item in rewritten if not isinstance(item.module, AttentionCall)]
         for item in rewritten:
             if isinstance(item.module, AttentionCall):
                 self.attention_targets.append(item.target)
@@ -287,7 +289,7 @@ class VariantRunner:
         self.state.graph_calls += 1
         if self.counts_forwards and self.state.training and torch.is_grad_enabled():
             self.state.on_training_forward()
-        key = self.state.variant_key()
+        key = self.state.variant_key(self.linear_sites)
         compiled = self.cache.get(key)
         if compiled is None:
             compiled = self._lower()

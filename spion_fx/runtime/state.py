@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,7 +39,6 @@ class SparsityState(nn.Module):
         # What the saved tensors mean depends on the policy: a checkpoint of another policy is
         # refused at load (see _check_policy_code), not loaded into sites it does not fit.
         self.register_buffer("policy_code", policy_code(policy))
-        self.version = 0  # bumped on every change that needs re-lowering
         self._pending: dict[str, torch.Tensor] = {}  # checkpoint entries of sites not built yet
         self.events: list[dict[str, Any]] = []  # switches, warnings: for report() and the demo
         # Calls of the backend's graphs, and forwards that made none although the model has
@@ -100,7 +99,6 @@ class SparsityState(nn.Module):
         controller.bind({name: weight for name, _, _, weight in sites})
         if late:
             self._init_late_linear_sites(fresh)
-        self.version += 1
         return {name: controller.site(name) for name, *_ in sites}
 
     def _check_pending(self) -> None:
@@ -149,11 +147,15 @@ class SparsityState(nn.Module):
                 del self._pending[prefix + k]
 
     # ---- variants ------------------------------------------------------------------------
-    def variant_key(self) -> tuple:
-        """What the compiled code depends on. Attention sites are not part of it: they run
+    def variant_key(self, linear_sites: Iterable[nn.Module] | None = None) -> tuple:
+        """What compiled code depends on: train/eval, grad mode and the modes of the linear
+        sites it calls (`linear_sites`; every linear site when None). Each graph's runner keys on
+        its own sites, so a site added by another graph, or a schedule change at one layer,
+        re-lowers only the graphs that call it. Attention sites are not part of it: they run
         eagerly between compiled parts, so their phase changes need no re-lowering."""
-        linear = self.linear.variant_key() if self.linear is not None else ()
-        return (self.training, torch.is_grad_enabled(), linear, self.version)
+        if linear_sites is None:
+            linear_sites = self.linear.sites.values() if self.linear is not None else ()
+        return (self.training, torch.is_grad_enabled(), tuple(site.variant_key() for site in linear_sites))
 
     # ---- the step loop -------------------------------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -231,7 +233,6 @@ class SparsityState(nn.Module):
         else:
             self._check_policy_code(state_dict[key], key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.version += 1
 
     def load_state_dict(self, *args, **kwargs):
         result = super().load_state_dict(*args, **kwargs)
@@ -254,7 +255,6 @@ class SparsityState(nn.Module):
     def _after_load(self) -> None:
         for site in self.attention_sites():
             site.sync_from_buffers()
-        self.version += 1
         self._plan_step()
 
 
