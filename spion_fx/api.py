@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from spion_fx.capture import graph_break_reasons, tracing_settings
+from spion_fx.ddp import DDPBufferGuard
 from spion_fx.lowering.backend import SpionCompiler
 from spion_fx.lowering.backend_entry import STATE_ATTR, attach_backend_state
 from spion_fx.lowering.fallback import check_forward, recompile_limit
@@ -64,6 +65,7 @@ def sparsify(
     # dimensions symbolic, and from then on one graph serves every length (and cache length).
     compiled_call = torch.compile(own_run_model, backend=compiler, dynamic=None)
     _LIVE_STATES.add(state)
+    ddp_buffers = DDPBufferGuard(state)
     state.count_steps = "optimizer" if optimizer is not None else "forward"
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -85,6 +87,7 @@ def sparsify(
                     result = compiled_call(*args, **kwargs)
                     compiler.warn_if_no_attention(_new_graph_breaks(breaks_before))
                 check_forward(state, calls_before, compiled_code, type(model).__name__)
+                ddp_buffers.after_forward()
                 return result
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             # our own user-facing errors (bad checkpoint, bad policy) surface as themselves

@@ -6,10 +6,9 @@ so a diverged collective fails instead of stalling CI. Checked, with the ranks' 
 phases, switch steps and events compared bitwise:
 
 - a NaN on the last rank at a probe step (its probe is skipped; the others' are used);
-- per-rank lengths that differ at probe steps (rank 0 alternating 32 / 16, rank 1 at 24, rank 2
-  at 5 — shorter than one block), each rank training its own model copy (a compiled model
-  under DDP whose ranks run different lengths crashes in gloo before any spion_fx collective,
-  with any policy — a separate issue);
+- per-rank lengths that differ at probe steps under DDP (rank 0 alternating 32 / 16, rank 1 at
+  24, rank 2 at 5 — shorter than one block): DDP's per-forward buffer broadcast no longer
+  carries the state's length-sized buffers (spion_fx/ddp.py; gloo aborted before);
 - rank 1 with no batch in any probe window (it contributes zeros and count 0);
 - a 2-rank DDP run killed mid-step after the switch and restarted from its last checkpoint (a
   new spawn, as torchrun would) resumes with the same patterns, phases and step; the same
