@@ -9,14 +9,12 @@ would; it must come last.
 
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from _dist_worker import free_port, lm_loss, spion_summary  # noqa: F401  (free_port: for the parent)
+from _dist_worker import free_port, lm_loss, run_scenarios, spion_summary  # noqa: F401  (free_port: for the parent)
 
 SEQ, BLOCK, STEPS, KILL_AFTER = 32, 8, 9, 7  # steps 0..5 dense (forced switch at 6), 6..8 sparse
 POLICY = dict(inner="eager", block_size=BLOCK, probe_interval=2, quantile=0.6, filter_size=3, max_dense_steps=6)
@@ -164,23 +162,7 @@ SCENARIOS = {
 
 
 def run(rank: int, world: int, port: int, out_dir: str, scenarios: list[str]) -> None:
-    """torch.multiprocessing entry point."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=45),  # a diverged collective fails, it does not hang
-    )
-    try:
-        for name in scenarios:
-            torch._dynamo.reset()
-            try:
-                result = {"ok": True, **SCENARIOS[name](rank, world, out_dir)}
-            except Exception as exc:
-                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                          "traceback": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"{name}_w{world}_rank{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    """torch.multiprocessing entry point; a 45 s gloo timeout: a diverged collective fails."""
+    run_scenarios(rank, world, port,
+                  [(name, lambda name=name: SCENARIOS[name](rank, world, out_dir)) for name in scenarios],
+                  lambda name: os.path.join(out_dir, f"{name}_w{world}_rank{rank}.pt"), timeout_s=45)

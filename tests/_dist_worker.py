@@ -195,22 +195,30 @@ SCENARIOS = {
 
 def run(rank: int, world: int, port: int, out_dir: str, scenarios: list[str]) -> None:
     """torch.multiprocessing.spawn entry point."""
+    run_scenarios(rank, world, port, [(name, lambda name=name: SCENARIOS[name](rank, world)) for name in scenarios],
+                  lambda name: os.path.join(out_dir, f"{name}_rank{rank}.pt"), timeout_s=60)
+
+
+def run_scenarios(rank: int, world: int, port: int, scenarios, result_path, *, timeout_s: int) -> None:
+    """Join a gloo group and run each (name, scenario) in turn, saving its outcome (or its
+    exception, reported by the parent test per scenario) at result_path(name). The group's
+    timeout makes a diverged collective fail instead of hanging the other ranks."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    torch.set_num_threads(1)  # two ranks on a small CPU box
+    torch.set_num_threads(1)  # several ranks on a small CPU box
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),  # a rank that failed must not hang the other
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:
-        for name in scenarios:
+        for name, scenario in scenarios:
             torch._dynamo.reset()
             try:
-                result = {"ok": True, **SCENARIOS[name](rank, world)}
-            except Exception as exc:  # reported by the parent test, per scenario
+                result = {"ok": True, **scenario()}
+            except Exception as exc:
                 result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                           "traceback": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+            torch.save(result, result_path(name))
             dist.barrier()
     finally:
         dist.destroy_process_group()

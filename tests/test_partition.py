@@ -72,6 +72,30 @@ def test_switch_and_probe_steps_lower_nothing(count_lowerings, inner):
     assert all(r["switch_s"] is not None and r["switch_s"] > 0 for r in rows)
 
 
+def test_inductor_parts_serve_every_length_after_one_more_lowering(count_lowerings):
+    """A length per batch after the switch: the first new length makes the graph dynamic (one
+    more lowering of each part); every later length runs what was lowered. Inductor given one
+    call's tensors used to assert their sizes on the next length."""
+    torch.manual_seed(0)
+    model, kwargs = zoo.build("gpt2", seq_len=SEQ, batch=2)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    spion_fx.sparsify(model, "spion-cf", optimizer=opt, inner="inductor", block_size=BLOCK,
+                      probe_interval=1, quantile=0.6, max_dense_steps=2)
+    lowered = []
+    for length in (SEQ, SEQ, SEQ, 40, 48, 21, 56):
+        ids = torch.randint(0, 64, (2, length))
+        loss = F.cross_entropy(_logits(model(input_ids=ids)).flatten(0, 1), ids.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        lowered.append(len(count_lowerings))
+    state = model.spion_state
+    assert all(s.phase == "sparse" and s.kernel_calls["sparse"] == 5 for s in state.attention_sites())
+    assert state.eager_forwards == 0
+    assert lowered[4:] == [lowered[4]] * 3  # lengths 48, 21, 56: nothing lowered
+
+
 def test_dense_phase_equals_the_model_without_spion_fx_under_inductor():
     torch.manual_seed(0)
     model, kwargs = zoo.build("gpt2", seq_len=SEQ, batch=2)

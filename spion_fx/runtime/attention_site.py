@@ -58,6 +58,22 @@ class AttentionSpec:
     num_heads: int | None = None
 
 
+class _StatisticView:
+    """A named entry of a site's statistics buffer: reads convert to a Python number, writes go
+    into the buffer in place (so state_dict() and report() see them)."""
+
+    def __init__(self, buffer: str, index: int, cast: type, doc: str) -> None:
+        self.buffer, self.index, self.cast, self.__doc__ = buffer, index, cast, doc
+
+    def __get__(self, site: Any, owner: type | None = None) -> Any:
+        if site is None:
+            return self
+        return self.cast(getattr(site, self.buffer)[self.index])
+
+    def __set__(self, site: Any, value: float) -> None:
+        getattr(site, self.buffer)[self.index] = value
+
+
 class AttentionSiteModule(nn.Module):
     """One attention site: dense compute + probes, then block-sparse compute."""
 
@@ -118,23 +134,15 @@ class AttentionSiteModule(nn.Module):
         self._mask_code = int(self.probe_stats[MASK_CODE])
 
     # ---- statistics (named views of probe_stats and stability) ------------------------------
-    @property
-    def probed_batches(self) -> float:
-        """Probe batches accumulated since the last stability check (this rank)."""
-        return float(self.probe_stats[PROBED_BATCHES])
-
-    @probed_batches.setter
-    def probed_batches(self, value: float) -> None:
-        self.probe_stats[PROBED_BATCHES] = value
-
-    @property
-    def skipped_probes(self) -> int:
-        """Probes skipped as non-finite since the last stability check (this rank)."""
-        return int(self.probe_stats[SKIPPED_PROBES])
-
-    @skipped_probes.setter
-    def skipped_probes(self, value: int) -> None:
-        self.probe_stats[SKIPPED_PROBES] = value
+    probed_batches = _StatisticView("probe_stats", PROBED_BATCHES, float,
+                                    "Probe batches accumulated since the last stability check (this rank).")
+    skipped_probes = _StatisticView("probe_stats", SKIPPED_PROBES, int,
+                                    "Probes skipped as non-finite since the last stability check (this rank).")
+    checks_done = _StatisticView("stability", CHECKS_DONE, int, "Stability checks done.")
+    previous_distance = _StatisticView("stability", PREVIOUS_DISTANCE, float,
+                                       "Frobenius distance between the last two probe maps (NaN before the second check).")
+    last_change = _StatisticView("stability", LAST_CHANGE, float,
+                                 "Relative change of that distance at the last check (NaN before the third).")
 
     @property
     def mask_code(self) -> int:
@@ -145,32 +153,6 @@ class AttentionSiteModule(nn.Module):
     def mask_code(self, value: int) -> None:
         self.probe_stats[MASK_CODE] = value
         self._mask_code = int(value)
-
-    @property
-    def checks_done(self) -> int:
-        return int(self.stability[CHECKS_DONE])
-
-    @checks_done.setter
-    def checks_done(self, value: int) -> None:
-        self.stability[CHECKS_DONE] = value
-
-    @property
-    def previous_distance(self) -> float:
-        """Frobenius distance between the last two probe maps (NaN before the second check)."""
-        return float(self.stability[PREVIOUS_DISTANCE])
-
-    @previous_distance.setter
-    def previous_distance(self, value: float) -> None:
-        self.stability[PREVIOUS_DISTANCE] = value
-
-    @property
-    def last_change(self) -> float:
-        """Relative change of that distance at the last check (NaN before the third)."""
-        return float(self.stability[LAST_CHANGE])
-
-    @last_change.setter
-    def last_change(self, value: float) -> None:
-        self.stability[LAST_CHANGE] = value
 
     @property
     def probe_frame(self) -> tuple[int, int]:

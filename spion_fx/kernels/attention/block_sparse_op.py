@@ -231,16 +231,9 @@ def _flex_forward(
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
-def _validate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockLayout,
-    causal: bool,
-    key_padding_mask: torch.Tensor | None,
-    dropout_p: float,
-    compat: str | None,
-) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] with H a multiple of Hkv, one floating dtype (shared
+    by the training op and the decode kernel); returns (B, H, Lq, D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, heads, L, D], got {_shape(t)}")
@@ -257,6 +250,30 @@ def _validate(
         raise ValueError(f"k/v must be [B={b}, Hkv, Lk, D={d}], got {tuple(k.shape)}")
     if h % k.shape[1] != 0:
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({k.shape[1]})")
+    return b, h, lq, d
+
+
+def check_key_padding(key_padding_mask: torch.Tensor | None, b: int, lk: int) -> None:
+    """A key-padding mask is None or bool [B, Lk] (True = a real key)."""
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk):
+            raise ValueError(
+                f"key_padding_mask must be bool [B={b}, Lk={lk}], got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    compat: str | None,
+) -> None:
+    b, h, lq, d = check_qkv(q, k, v)
     lk = k.shape[2]
     _check_layout_halves(layout)
     bs = layout.block_size
@@ -274,12 +291,7 @@ def _validate(
         )
     if layout.kv_num_blocks.device != q.device and q.device.type != "meta":
         raise ValueError(f"layout is on {layout.kv_num_blocks.device} but q is on {q.device}")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk):
-            raise ValueError(
-                f"key_padding_mask must be bool [B={b}, Lk={lk}], got "
-                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
+    check_key_padding(key_padding_mask, b, lk)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if compat not in (None, "spion"):

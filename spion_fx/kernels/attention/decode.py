@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from spion_fx.kernels.attention.block_sparse_op import check_key_padding, check_qkv
+
 __all__ = ["DecodeLayout", "block_sparse_decode_attention"]
 
 
@@ -320,25 +322,12 @@ def _head_base(layout: DecodeLayout, hkv: int, hi: int, step: int, device) -> Te
 
 
 def _validate(q, k, v, layout, causal, key_padding_mask) -> tuple[int, ...]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, heads, L, D]")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, lq, d = check_qkv(q, k, v)
+    hkv, lk = k.shape[1], k.shape[2]
     if not isinstance(layout, DecodeLayout):
         raise TypeError("layout must be a DecodeLayout (DecodeLayout.from_pattern)")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k/v must be [B={b}, Hkv, Lk, D={d}], got {tuple(k.shape)}")
-    if h % hkv:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv})")
     if lq < 1 or lq > lk:
         raise ValueError(f"need 1 <= Lq <= Lk, got Lq={lq}, Lk={lk}")
     bs = layout.block_size
@@ -356,10 +345,5 @@ def _validate(q, k, v, layout, causal, key_padding_mask) -> tuple[int, ...]:
         raise ValueError(f"layout gathers for {hi} heads; k/v have {hkv} and q {h}")
     if layout.device != q.device or k.device != q.device or v.device != q.device:
         raise ValueError(f"layout on {layout.device}, q on {q.device}, k/v on {k.device}: move them")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk):
-            raise ValueError(
-                f"key_padding_mask must be bool [B={b}, Lk={lk}], got "
-                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
+    check_key_padding(key_padding_mask, b, lk)
     return b, h, lq, d, hkv, lk
