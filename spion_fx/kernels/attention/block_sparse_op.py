@@ -125,6 +125,9 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Attention restricted to ``layout``'s blocks; q [B, H, Lq, D], k/v [B, Hkv, Lk, D].
 
+    ``layout`` is shared by the batch ([H', ...] tensors) or per input ([B', H', ...], B' = 1
+    or B: ``BlockLayout.batched``, e.g. from ``routing.routed_layout``).
+
     scale defaults to 1/sqrt(D). causal is top-left aligned (key j visible to query i iff
     j <= i). key_padding_mask: bool [B, Lk], True = real token. dropout_p applies attention
     dropout (pass 0 in eval, as with SDPA). compat="spion" reproduces the original SPION's
@@ -164,7 +167,7 @@ def _is_traced(*tensors: torch.Tensor) -> bool:
 
 
 def _use_flex(q, k, v, layout: BlockLayout, dropout_p: float, compat: str | None) -> bool:
-    if q.device.type != "cpu" or dropout_p > 0 or compat is not None:
+    if q.device.type != "cpu" or dropout_p > 0 or compat is not None or layout.batched:
         return False
     if torch.compiler.is_compiling() or _is_traced(q, layout.kv_num_blocks):
         # building the BlockMask reads tensor data: impossible while Dynamo or AOT autograd
@@ -279,6 +282,8 @@ def _validate(
     bs = layout.block_size
     if layout.num_heads not in (1, h):
         raise ValueError(f"layout must have 1 or {h} heads (H'), got {layout.num_heads}")
+    if layout.num_batch not in (1, b):
+        raise ValueError(f"a batched layout must have 1 or {b} inputs (B'), got {layout.num_batch}")
     if layout.num_q_blocks != -(-lq // bs):
         raise ValueError(
             f"layout has {layout.num_q_blocks} query blocks but Lq={lq} needs {-(-lq // bs)} "

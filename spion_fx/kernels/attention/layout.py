@@ -11,6 +11,10 @@ whose halves disagree would compute dK/dV for other blocks than the forward used
 ``from_dense``, ``diagonal`` and ``lower_triangular`` agree by construction and are marked
 verified (as are their tensors, so a layout rebuilt around the same tensors is too); a layout
 built by hand is checked once by ``check()`` (the public op calls it) and the result is kept.
+
+Per-input layouts (routed attention, ``routing.routed_layout``) add a leading batch dim to all
+four tensors: ``[B', H', nQB, ...]`` with B' = 1 or the batch size. A 3-D layout is shared by the
+batch (``batched`` is False); the kernels read a 4-D one per (batch, head) row.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class BlockLayout:
     q_num_blocks:  int32 [H', nKB]       query blocks per kv-block column
     q_indices:     int32 [H', nKB, maxQ] their row indices, ascending, padded with 0
     block_size:    edge of a square block, in tokens
+
+    Batched (per-input) layouts carry a leading batch dim B' (1 or B) on all four tensors.
     """
 
     kv_num_blocks: torch.Tensor
@@ -44,36 +50,65 @@ class BlockLayout:
     block_size: int
 
     @property
+    def batched(self) -> bool:
+        """Whether the layout has a leading batch dim (one pattern per input)."""
+        return self.kv_num_blocks.dim() == 3
+
+    @property
+    def num_batch(self) -> int:
+        """B' of a batched layout (1 or the batch size); 1 for a layout shared by the batch."""
+        return self.kv_num_blocks.shape[0] if self.batched else 1
+
+    @property
     def num_heads(self) -> int:
-        return self.kv_num_blocks.shape[0]
+        return self.kv_num_blocks.shape[-2]
 
     @property
     def num_q_blocks(self) -> int:
-        return self.kv_num_blocks.shape[1]
+        return self.kv_num_blocks.shape[-1]
 
     @property
     def num_kv_blocks(self) -> int:
-        return self.q_num_blocks.shape[1]
+        return self.q_num_blocks.shape[-1]
 
     @property
     def density(self) -> float:
-        """Fraction of blocks kept (over the full nQB x nKB grid)."""
-        total = self.num_heads * self.num_q_blocks * self.num_kv_blocks
+        """Fraction of blocks kept (over the full nQB x nKB grid, every input and head)."""
+        total = self.num_batch * self.num_heads * self.num_q_blocks * self.num_kv_blocks
         return float(self.kv_num_blocks.sum()) / max(total, 1)
+
+    def as_batched(self) -> BlockLayout:
+        """The same layout with a batch dim (B' = 1 when it was shared): views, no copy."""
+        if self.batched:
+            return self
+        out = BlockLayout(*(t.unsqueeze(0) for t in self._tensors()), self.block_size)
+        return out._mark_verified() if self.is_verified else out
+
+    def select_batch(self, b: int) -> BlockLayout:
+        """The 3-D layout input ``b`` uses (the shared one when B' = 1)."""
+        if not self.batched:
+            return self
+        i = 0 if self.num_batch == 1 else b
+        out = BlockLayout(*(t[i] for t in self._tensors()), self.block_size)
+        return out._mark_verified() if self.is_verified else out
 
     @classmethod
     def from_dense(cls, block_mask: torch.Tensor, block_size: int) -> BlockLayout:
-        """Build from a boolean block grid [nQB, nKB] or [H', nQB, nKB]."""
+        """Build from a boolean block grid [nQB, nKB] or [H', nQB, nKB]; a 4-D grid
+        [B', H', nQB, nKB] gives a batched (per-input) layout."""
         if block_mask.dtype != torch.bool:
             raise TypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
         if block_mask.dim() == 2:
             block_mask = block_mask.unsqueeze(0)
-        if block_mask.dim() != 3:
-            raise ValueError(f"block_mask must be [nQB, nKB] or [H, nQB, nKB], got {tuple(block_mask.shape)}")
+        if block_mask.dim() not in (3, 4):
+            raise ValueError(
+                "block_mask must be [nQB, nKB], [H, nQB, nKB] or [B, H, nQB, nKB], got "
+                f"{tuple(block_mask.shape)}"
+            )
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         kv_num, kv_idx = _compress_rows(block_mask)
-        q_num, q_idx = _compress_rows(block_mask.transpose(1, 2))
+        q_num, q_idx = _compress_rows(block_mask.transpose(-1, -2))
         return cls(kv_num, kv_idx, q_num, q_idx, int(block_size))._mark_verified()
 
     @classmethod
@@ -98,14 +133,14 @@ class BlockLayout:
         return layout._mark_verified()
 
     def to_dense(self) -> torch.Tensor:
-        """Boolean block grid [H', nQB, nKB]."""
-        h, nqb, maxk = self.kv_indices.shape
+        """Boolean block grid [H', nQB, nKB] ([B', H', nQB, nKB] when batched)."""
+        *lead, maxk = self.kv_indices.shape
         nkb = self.num_kv_blocks
         # Padding entries point at a scratch column nkb, so they cannot clear a real column 0.
-        grid = torch.zeros(h, nqb, nkb + 1, dtype=torch.bool, device=self.kv_indices.device)
+        grid = torch.zeros(*lead, nkb + 1, dtype=torch.bool, device=self.kv_indices.device)
         valid = torch.arange(maxk, device=self.kv_indices.device) < self.kv_num_blocks.unsqueeze(-1)
         columns = torch.where(valid, self.kv_indices.long(), torch.full_like(self.kv_indices.long(), nkb))
-        grid.scatter_(2, columns, True)
+        grid.scatter_(-1, columns, True)
         return grid[..., :nkb]
 
     def to(self, device: torch.device | str) -> BlockLayout:
@@ -173,7 +208,8 @@ _UNSET = object()
 def _check_consistent(layout: BlockLayout) -> None:
     names = ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")
     tensors = layout._tensors()
-    for name, t, dim in zip(names, tensors, (2, 3, 2, 3)):
+    extra = 1 if isinstance(tensors[0], torch.Tensor) and tensors[0].dim() == 3 else 0
+    for name, t, dim in zip(names, tensors, (2 + extra, 3 + extra, 2 + extra, 3 + extra)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"BlockLayout.{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != dim:
@@ -187,7 +223,16 @@ def _check_consistent(layout: BlockLayout) -> None:
     if isinstance(layout.block_size, bool) or not isinstance(layout.block_size, int) or layout.block_size < 1:
         raise ValueError(f"BlockLayout.block_size must be a positive int, got {layout.block_size!r}")
     kv_num, kv_idx, q_num, q_idx = (t.detach().to("cpu", torch.int64) for t in tensors)
-    heads = {name: t.shape[0] for name, t in zip(names, tensors)}
+    if extra:
+        batch = {name: t.shape[0] for name, t in zip(names, tensors)}
+        if len(set(batch.values())) != 1:
+            raise ValueError(f"BlockLayout halves disagree on the batch size B': {batch}")
+        heads = {name: t.shape[1] for name, t in zip(names, tensors)}
+        if len(set(heads.values())) != 1:
+            raise ValueError(f"BlockLayout halves disagree on the number of heads H': {heads}")
+        # (batch, head) rows checked as one flat head dim; messages name the flat row
+        kv_num, kv_idx, q_num, q_idx = (t.flatten(0, 1) for t in (kv_num, kv_idx, q_num, q_idx))
+    heads = {name: t.shape[0] for name, t in zip(names, (kv_num, kv_idx, q_num, q_idx))}
     if len(set(heads.values())) != 1:
         raise ValueError(f"BlockLayout halves disagree on the number of heads H': {heads}")
     if kv_num.shape[1] != kv_idx.shape[1]:
@@ -207,8 +252,12 @@ def _check_consistent(layout: BlockLayout) -> None:
     if bool(differ.any()):
         h, i, j = (int(x) for x in differ.nonzero()[0])
         kept, dropped = ("kv rows", "q columns") if bool(rows[h, i, j]) else ("q columns", "kv rows")
+        where = f"head {h}"
+        if extra:
+            n_heads = tensors[0].shape[1]
+            where = f"batch {h // n_heads}, head {h % n_heads}"
         raise ValueError(
-            f"BlockLayout halves disagree: the {kept} keep block (head {h}, q block {i}, kv block "
+            f"BlockLayout halves disagree: the {kept} keep block ({where}, q block {i}, kv block "
             f"{j}) but the {dropped} do not (differing blocks: {int(differ.sum())}); the kv rows are "
             "kv_num_blocks/kv_indices, the q columns their transpose q_num_blocks/q_indices "
             "(BlockLayout.from_dense builds both)"
@@ -242,7 +291,7 @@ def _half_grid(num, idx, ncols, half, num_name, idx_name, what) -> torch.Tensor:
 
 
 def _compress_rows(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[H, R, C] bool -> (count [H, R], ascending column indices [H, R, max(count)])."""
+    """[..., R, C] bool -> (count [..., R], ascending column indices [..., R, max(count)])."""
     counts = grid.sum(-1)
     max_count = max(int(counts.max()) if counts.numel() else 0, 1)
     # A stable sort of (not kept) puts kept columns first, in ascending order.

@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("csrc") / "block_sparse_attention.cpp"
 _FLAGS = (
     "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
 )  # fmt: skip
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # Most keys one GEMM covers when kv blocks are consecutive: 512 keys x 64 rows of scores stay in
 # L2 next to the q/k/v tiles (benchmarks/attention_cpu.py measured 256-1024 within noise).
 MAX_RUN_KEYS = 512
@@ -213,16 +213,21 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
-def _check_layout(kv_num: torch.Tensor, kv_idx: torch.Tensor, heads: int, nqb: int, nkb: int):
+def _check_layout(
+    kv_num: torch.Tensor, kv_idx: torch.Tensor, batch: int, heads: int, nqb: int, nkb: int
+):
     """The C++ kernel indexes memory with these numbers: refuse any that would leave q/k/v
-    (the op can be called directly, past ``block_sparse_attention``'s validation)."""
-    if kv_num.dim() != 2 or kv_idx.dim() != 3 or kv_num.shape != kv_idx.shape[:2]:
+    (the op can be called directly, past ``block_sparse_attention``'s validation). The kv rows
+    are [B', H', nQB] / [B', H', nQB, maxK] here (a shared layout gains B' = 1)."""
+    if kv_num.dim() != 3 or kv_idx.dim() != 4 or kv_num.shape != kv_idx.shape[:3]:
         raise ValueError(f"bad layout shapes {tuple(kv_num.shape)} / {tuple(kv_idx.shape)}")
-    if kv_num.shape[0] not in (1, heads) or kv_num.shape[1] != nqb:
+    if kv_num.shape[0] not in (1, batch):
+        raise ValueError(f"layout batch dim {kv_num.shape[0]} does not fit batch {batch}")
+    if kv_num.shape[1] not in (1, heads) or kv_num.shape[2] != nqb:
         raise ValueError(
-            f"layout rows {tuple(kv_num.shape)} do not fit {heads} heads x {nqb} blocks"
+            f"layout rows {tuple(kv_num.shape[1:])} do not fit {heads} heads x {nqb} blocks"
         )
-    if kv_num.numel() and (int(kv_num.min()) < 0 or int(kv_num.max()) > kv_idx.shape[2]):
+    if kv_num.numel() and (int(kv_num.min()) < 0 or int(kv_num.max()) > kv_idx.shape[3]):
         raise ValueError("kv_num_blocks out of range")
     if kv_idx.numel() and (int(kv_idx.min()) < 0 or int(kv_idx.max()) >= nkb):
         raise ValueError(f"kv_indices out of range [0, {nkb})")
@@ -237,6 +242,8 @@ class _Call:
     ):  # fmt: skip
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
+        if kv_num_blocks.dim() == 2:  # shared by the batch
+            kv_num_blocks, kv_indices = kv_num_blocks.unsqueeze(0), kv_indices.unsqueeze(0)
         self.kv_num = kv_num_blocks.to(torch.int32).contiguous()
         self.kv_idx = kv_indices.to(torch.int32).contiguous()
         self.key_mask = (
@@ -245,13 +252,13 @@ class _Call:
             else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
         )
         nkb = -(-lk // block)
-        _check_layout(self.kv_num, self.kv_idx, h, -(-lq // block), nkb)
+        _check_layout(self.kv_num, self.kv_idx, b, h, -(-lq // block), nkb)
         if h % hkv != 0 or k.shape[0] != b or k.shape[3] != d:
             raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, lk):
             raise ValueError(f"key_padding_mask must be [B={b}, Lk={lk}]")
         self.shape = (ctypes.c_int64 * 6)(b, h, hkv, lq, lk, d)
-        self.layout = (ctypes.c_int64 * 4)(*self.kv_idx.shape, block)
+        self.layout = (ctypes.c_int64 * 5)(*self.kv_idx.shape, block)
         self.threads = torch.get_num_threads()
         self.head_args = (
             _DTYPES[q.dtype], self.shape, self.layout, _ptr(self.kv_num), _ptr(self.kv_idx),
@@ -317,7 +324,7 @@ def backward(
     # blocks are split in chunks that accumulate into separate slices, summed here.
     chunks = 1
     if b * hkv < 2 * call.threads:
-        chunks = max(1, min(kv_indices.shape[1], -(-2 * call.threads // (b * hkv))))
+        chunks = max(1, min(kv_indices.shape[-2], -(-2 * call.threads // (b * hkv))))
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.zeros((chunks, *k.shape), dtype=q.dtype)
     dv = torch.zeros((chunks, *k.shape), dtype=q.dtype)

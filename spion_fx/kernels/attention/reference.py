@@ -17,16 +17,17 @@ from .layout import BlockLayout
 
 
 def layout_block_grid(layout: BlockLayout) -> torch.Tensor:
-    """Boolean block grid [H', nQB, nKB]; padding slots in kv_indices are ignored."""
-    h, nqb, maxk = layout.kv_indices.shape
+    """Boolean block grid [H', nQB, nKB] ([B', H', nQB, nKB] for a batched layout); padding
+    slots in kv_indices are ignored."""
+    *lead, maxk = layout.kv_indices.shape
     nkb = layout.num_kv_blocks
     valid = torch.arange(maxk, device=layout.kv_indices.device) < layout.kv_num_blocks.unsqueeze(-1)
     # Padding slots go to a throw-away column so they cannot clear a real entry at column 0.
     idx = torch.where(
         valid, layout.kv_indices.long(), torch.full_like(layout.kv_indices.long(), nkb)
     )
-    grid = torch.zeros(h, nqb, nkb + 1, dtype=torch.bool, device=layout.kv_indices.device)
-    grid.scatter_(2, idx, True)
+    grid = torch.zeros(*lead, nkb + 1, dtype=torch.bool, device=layout.kv_indices.device)
+    grid.scatter_(-1, idx, True)
     return grid[..., :nkb]
 
 
@@ -50,11 +51,14 @@ def dense_block_mask(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Element-level visibility of the block pattern: bool [B or 1, H', Lq, Lk]."""
+    """Element-level visibility of the block pattern: bool [B or 1, H', Lq, Lk] (a batched
+    layout's B' rows are its own)."""
     bs = layout.block_size
     grid = layout_block_grid(layout)
-    elem = grid.repeat_interleave(bs, dim=1).repeat_interleave(bs, dim=2)[:, :lq, :lk]
-    return elem[None] & base_visibility(lq, lk, causal, key_padding_mask, grid.device)
+    elem = grid.repeat_interleave(bs, dim=-2).repeat_interleave(bs, dim=-1)[..., :lq, :lk]
+    if elem.dim() == 3:  # shared by the batch
+        elem = elem[None]
+    return elem & base_visibility(lq, lk, causal, key_padding_mask, grid.device)
 
 
 def reference_attention(

@@ -129,11 +129,11 @@ struct Rows {
 
 struct Problem {
   int64_t batch, heads, kv_heads, lq, lk, dim;
-  int64_t layout_heads, nqb, max_kv;
+  int64_t layout_batch, layout_heads, nqb, max_kv;
   int64_t block;
   double scale;
-  const int32_t* kv_num;  // [H', nQB]
-  const int32_t* kv_idx;  // [H', nQB, maxK], ascending
+  const int32_t* kv_num;  // [B', H', nQB] (B' = 1: shared by the batch)
+  const int32_t* kv_idx;  // [B', H', nQB, maxK], ascending
   bool causal;
   const uint8_t* key_mask;  // [B, Lk] or null
   int64_t max_run;          // most keys in one GEMM
@@ -144,7 +144,10 @@ struct Problem {
   uint64_t seed;
 
   int64_t group() const { return heads / kv_heads; }
-  int64_t layout_head(int64_t h) const { return layout_heads == 1 ? 0 : h; }
+  // The layout row (batch, head) reads: B' and H' of 1 broadcast.
+  int64_t layout_row(int64_t b, int64_t h) const {
+    return (layout_batch == 1 ? 0 : b) * layout_heads + (layout_heads == 1 ? 0 : h);
+  }
   uint64_t row_id(int64_t b, int64_t h, int64_t i) const {
     return static_cast<uint64_t>((b * heads + h) * lq + i);
   }
@@ -234,7 +237,7 @@ void forward_row_block(const Problem& pb, const Rows<const T>& q, const Rows<con
     l[r] = T(0);
     std::memset(o + r * out.sl, 0, sizeof(T) * d);
   }
-  const int n_runs = collect_runs(pb, pb.layout_head(h), qb, ws.runs);
+  const int n_runs = collect_runs(pb, pb.layout_row(b, h), qb, ws.runs);
   for (int ri = 0; ri < n_runs; ++ri) {
     const Run& run = ws.runs[ri];
     const int nc = static_cast<int>(run.keys);
@@ -341,7 +344,7 @@ void backward_row_block(const Problem& pb, const Rows<const T>& dout, const Rows
                                          : static_cast<T>(lse_rows[r]);
     std::memset(dq_rows + r * dq.sl, 0, sizeof(T) * d);
   }
-  const int n_runs = collect_runs(pb, pb.layout_head(h), qb, ws.runs);
+  const int n_runs = collect_runs(pb, pb.layout_row(b, h), qb, ws.runs);
   for (int ri = 0; ri < n_runs; ++ri) {
     const Run& run = ws.runs[ri];
     const int nc = static_cast<int>(run.keys);
@@ -422,12 +425,12 @@ Rows<const T> const_rows_of(const void* base, const int64_t* strides) {
 
 // ------------------------------------------------------------------------------ C interface
 //
-// shape: B, H, Hkv, Lq, Lk, D;  layout: H', nQB, maxK, block;  dtype 0 = float32,
+// shape: B, H, Hkv, Lq, Lk, D;  layout: B', H', nQB, maxK, block;  dtype 0 = float32,
 // 1 = float64. Every [B, heads, L, D] operand comes with its (batch, head, row) strides.
 
 extern "C" {
 
-int spion_bsa_abi_version() { return 3; }
+int spion_bsa_abi_version() { return 4; }
 
 void spion_bsa_set_blas(void* sgemm, void* dgemm) {
   g_sgemm = reinterpret_cast<sgemm_fn>(sgemm);
@@ -441,8 +444,8 @@ static Problem make_problem(const int64_t* shape, const int64_t* layout, const i
   Problem pb{};
   pb.batch = shape[0], pb.heads = shape[1], pb.kv_heads = shape[2];
   pb.lq = shape[3], pb.lk = shape[4], pb.dim = shape[5];
-  pb.layout_heads = layout[0], pb.nqb = layout[1], pb.max_kv = layout[2];
-  pb.block = layout[3];
+  pb.layout_batch = layout[0], pb.layout_heads = layout[1], pb.nqb = layout[2];
+  pb.max_kv = layout[3], pb.block = layout[4];
   pb.scale = scale;
   pb.kv_num = kv_num, pb.kv_idx = kv_idx;
   pb.causal = causal != 0;
