@@ -624,6 +624,16 @@ def _keep_masks(gen: torch.Generator, shape: torch.Size, dropout_p: float) -> to
     return torch.rand(shape, generator=gen) >= dropout_p
 
 
+def _row(key_padding_mask: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if key_padding_mask is None else key_padding_mask[i : i + 1]
+
+
+def _input_seed(seed: torch.Tensor, i: int) -> torch.Tensor:
+    """The dropout seed of input ``i`` under a batched layout (one grouped call per input, each
+    drawing its own masks; forward and backward derive the same one)."""
+    return (seed.reshape(()).to(torch.int64) + i * 0x9E3779B97F4A7C1) & ((1 << 62) - 1)
+
+
 def _generator(seed: torch.Tensor) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed.item()) & ((1 << 63) - 1))
@@ -685,6 +695,19 @@ def forward(
             q, k, v, kv_num_blocks, kv_indices, block, scale, causal, key_padding_mask, dropout_p,
             seed,
         )  # fmt: skip
+    if kv_num_blocks.dim() == 3:  # a batched layout: one grouped call per input
+        if kv_num_blocks.shape[0] == 1:
+            kv_num_blocks, kv_indices = kv_num_blocks[0], kv_indices[0]
+        else:
+            parts = [
+                forward(
+                    q[i : i + 1], k[i : i + 1], v[i : i + 1], kv_num_blocks[i], kv_indices[i],
+                    block, scale, causal, _row(key_padding_mask, i), dropout_p,
+                    _input_seed(seed, i), compat,
+                )
+                for i in range(q.shape[0])
+            ]  # fmt: skip
+            return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     use_band = key_padding_mask is None and not compat and dropout_p == 0
@@ -749,6 +772,20 @@ def backward(
             grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, block, scale, causal,
             key_padding_mask, dropout_p, seed,
         )  # fmt: skip
+    if kv_num_blocks.dim() == 3:  # a batched layout: one grouped call per input
+        if kv_num_blocks.shape[0] == 1:
+            kv_num_blocks, kv_indices = kv_num_blocks[0], kv_indices[0]
+        else:
+            parts = [
+                backward(
+                    grad_out[i : i + 1], q[i : i + 1], k[i : i + 1], v[i : i + 1],
+                    out[i : i + 1], lse[i : i + 1], kv_num_blocks[i], kv_indices[i], block,
+                    scale, causal, _row(key_padding_mask, i), dropout_p, _input_seed(seed, i),
+                    compat,
+                )
+                for i in range(q.shape[0])
+            ]  # fmt: skip
+            return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     use_band = key_padding_mask is None and not compat and dropout_p == 0
@@ -833,6 +870,18 @@ def dropout_keep_mask(
     hkv, lk = k_shape[1], k_shape[2]
     if native_cpu.handles(torch.float32, compat):  # every float dtype goes the same way
         return native_cpu.dropout_keep_mask(b, h, lq, lk, dropout_p, seed)
+    if kv_num_blocks.dim() == 3:  # a batched layout: one grouped call per input
+        if kv_num_blocks.shape[0] == 1:
+            kv_num_blocks, kv_indices = kv_num_blocks[0], kv_indices[0]
+        else:
+            one_q, one_k = (1, *q_shape[1:]), (1, *k_shape[1:])
+            return torch.cat([
+                dropout_keep_mask(
+                    one_q, one_k, kv_num_blocks[i], kv_indices[i], block, causal, dropout_p,
+                    _input_seed(seed, i), compat,
+                )
+                for i in range(b)
+            ])  # fmt: skip
     plan = get_plan(kv_num_blocks, kv_indices, block, lq, lk, causal, h // hkv)
     blk = _Blocks(b, h, hkv, lq, lk, block, plan.shared)
     gen = _generator(seed)
