@@ -37,7 +37,9 @@ def routed_blocks(
     [B, Hs, nQB, nKB] with -inf where a block was no candidate). Hs is Hkv when ``kv_group``
     (one choice per KV-head group, the group's pooled queries averaged), else H."""
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be 4-D [B, heads, L, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must be 4-D [B, heads, L, D], got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
