@@ -77,12 +77,16 @@ _SEED_BITS = 31
 
 # Integer arguments Triton must not specialise on. By default it compiles a variant per integer
 # argument equal to 1 or divisible by 16; the layout strides carry the pattern's longest row
-# (kv_indices is [H', nQB, maxK]) and the seed halves change every step, so either would compile
+# (kv_indices is [B', H', nQB, maxK]; the batch strides are 0 for a layout shared by the batch)
+# and the seed halves change every step, so either would compile
 # new kernels for a new pattern or a new seed.
 UNSPECIALISED: dict[str, tuple[str, ...]] = {
-    "fwd": ("stride_numh", "stride_numm", "stride_idxh", "stride_idxm", "seed_lo", "seed_hi"),
-    "dq": ("stride_numh", "stride_numm", "stride_idxh", "stride_idxm", "seed_lo", "seed_hi"),
-    "dkdv": ("stride_numh", "stride_numn", "stride_idxh", "stride_idxn", "seed_lo", "seed_hi"),
+    "fwd": ("stride_numb", "stride_numh", "stride_numm", "stride_idxb", "stride_idxh",
+            "stride_idxm", "seed_lo", "seed_hi"),
+    "dq": ("stride_numb", "stride_numh", "stride_numm", "stride_idxb", "stride_idxh",
+           "stride_idxm", "seed_lo", "seed_hi"),
+    "dkdv": ("stride_numb", "stride_numh", "stride_numn", "stride_idxb", "stride_idxh",
+             "stride_idxn", "seed_lo", "seed_hi"),
 }
 
 
@@ -236,7 +240,7 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh,
-    stride_numh, stride_numm, stride_idxh, stride_idxm,
+    stride_numb, stride_numh, stride_numm, stride_idxb, stride_idxh, stride_idxm,
     stride_kpmb,
     H, H_KV, Lq, Lk,
     qk_scale, dropout_p, seed_lo, seed_hi,
@@ -269,8 +273,8 @@ def _fwd_kernel(
     v_ptrs = V_head + offs_j[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     # Layout row of this query tile; head stride 0 when the pattern is shared by all heads.
-    n_blocks = tl.load(KV_NUM + off_h * stride_numh + qb * stride_numm)
-    idx_row = KV_IDX + off_h * stride_idxh + qb * stride_idxm
+    n_blocks = tl.load(KV_NUM + b64 * stride_numb + off_h * stride_numh + qb * stride_numm)
+    idx_row = KV_IDX + b64 * stride_idxb + off_h * stride_idxh + qb * stride_idxm
     # Blocks strictly left of the diagonal block and fully inside Lk need no score mask; with
     # ascending indices they are a prefix [0, n_full) of the row, the straddling ones follow.
     if IS_CAUSAL or not EVEN_K:
@@ -406,7 +410,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_numh, stride_numn, stride_idxh, stride_idxn,
+    stride_numb, stride_numh, stride_numn, stride_idxb, stride_idxh, stride_idxn,
     stride_kpmb,
     H, H_KV, Lq, Lk,
     sm_scale, qk_scale, dropout_p, seed_lo, seed_hi,
@@ -445,8 +449,8 @@ def _bwd_dkdv_kernel(
     for g in range(0, group):
         off_h = off_hkv * group + g
         h64 = off_h.to(tl.int64)
-        n_blocks = tl.load(Q_NUM + off_h * stride_numh + kb * stride_numn)
-        idx_row = Q_IDX + off_h * stride_idxh + kb * stride_idxn
+        n_blocks = tl.load(Q_NUM + b64 * stride_numb + off_h * stride_numh + kb * stride_numn)
+        idx_row = Q_IDX + b64 * stride_idxb + off_h * stride_idxh + kb * stride_idxn
         if IS_CAUSAL:
             # q blocks above the diagonal see nothing of this kv block (skip), the diagonal block
             # needs the causal mask, blocks below it none.
@@ -556,7 +560,7 @@ def _bwd_dq_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_numh, stride_numm, stride_idxh, stride_idxm,
+    stride_numb, stride_numh, stride_numm, stride_idxb, stride_idxh, stride_idxm,
     stride_kpmb,
     H, H_KV, Lq, Lk,
     sm_scale, qk_scale, dropout_p, seed_lo, seed_hi,
@@ -592,8 +596,8 @@ def _bwd_dq_kernel(
     kT_ptrs = K_head + offs_j[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V_head + offs_j[None, :] * stride_vn + offs_d[:, None] * stride_vd
 
-    n_blocks = tl.load(KV_NUM + off_h * stride_numh + qb * stride_numm)
-    idx_row = KV_IDX + off_h * stride_idxh + qb * stride_idxm
+    n_blocks = tl.load(KV_NUM + b64 * stride_numb + off_h * stride_numh + qb * stride_numm)
+    idx_row = KV_IDX + b64 * stride_idxb + off_h * stride_idxh + qb * stride_idxm
     if IS_CAUSAL or not EVEN_K:
         full_limit = Lk // PATTERN_BLOCK
         end_limit = tl.cdiv(Lk, PATTERN_BLOCK)
@@ -913,12 +917,17 @@ def _check_inputs(
     for name, num, idx, rows in (("kv", kv_num_blocks, kv_indices, _cdiv(lq, block_size)),
                                  ("q", q_num_blocks, q_indices, _cdiv(lk, block_size))):
         ns, ids = num.shape, idx.shape
+        if len(ns) == 3:  # batched (per-input) layout [B', H', rows]
+            if ns[0] not in (1, b):
+                raise ValueError(f"{name}_num_blocks of a batched layout must be [1 or {b}, "
+                                 f"heads, rows], got {tuple(ns)}")
+            ns, ids = ns[1:], (ids[1:] if len(ids) == 4 and ids[0] == num.shape[0] else ())
         if len(ns) != 2 or ns[0] not in (1, h) or ns[1] != rows:
             raise ValueError(f"{name}_num_blocks must be [1 or {h}, {rows}] for this sequence "
-                             f"length and block_size={block_size}, got {tuple(ns)}")
+                             f"length and block_size={block_size}, got {tuple(num.shape)}")
         if len(ids) != 3 or ids[0] != ns[0] or ids[1] != ns[1]:
-            raise ValueError(f"{name}_indices must be [{ns[0]}, {ns[1]}, max_blocks], got "
-                             f"{tuple(ids)}")
+            raise ValueError(f"{name}_indices must be [{ns[0]}, {ns[1]}, max_blocks] (after "
+                             f"{name}_num_blocks' batch dim), got {tuple(idx.shape)}")
         if idx.dtype != torch.int32:
             raise TypeError(f"{name}_indices must be int32, got {idx.dtype}")
         if num.dtype != torch.int32:
@@ -935,12 +944,15 @@ def _check_inputs(
         raise ValueError("seed must be a one-element int64 tensor when dropout_p > 0")
 
 
-def _layout_strides(num: torch.Tensor, idx: torch.Tensor) -> tuple[int, int, int, int]:
-    # H' = 1 broadcasts over heads through a zero head stride.
-    shared = num.shape[0] == 1
+def _layout_strides(num: torch.Tensor, idx: torch.Tensor) -> tuple[int, ...]:
+    # (batch, head, row) strides of the counts, then of the indices. B' = 1 (or a layout shared
+    # by the batch, 3-D) and H' = 1 broadcast through zero strides.
+    if num.dim() == 2:
+        num, idx = num.unsqueeze(0), idx.unsqueeze(0)
+    one_input, one_head = num.shape[0] == 1, num.shape[1] == 1
     return (
-        0 if shared else num.stride(0), num.stride(1),
-        0 if shared else idx.stride(0), idx.stride(1),
+        0 if one_input else num.stride(0), 0 if one_head else num.stride(1), num.stride(2),
+        0 if one_input else idx.stride(0), 0 if one_head else idx.stride(1), idx.stride(2),
     )
 
 
