@@ -3,6 +3,8 @@
 - ``kernels.attention``: block layout, ``spion::block_sparse_attention`` (CPU kernels, Triton on
   CUDA), the attention probe op, HSA, float64 reference; ``attention.decode``:
   ``block_sparse_decode_attention`` (queries at the end of a KV cache) and its ``DecodeLayout``.
+- ``attention.routing``: ``routed_layout``, a per-input (batched) layout chosen on the device
+  from pooled queries and keys (MoBA's top-k key blocks + diagonal + sinks).
 - ``kernels.nm``: packed N:M weights and their matmuls (CPU, Triton).
 
 The attention op's public names are re-exported here.
@@ -17,6 +19,7 @@ from .attention import (
     reference_attention,
 )
 from .attention.decode import DecodeLayout, block_sparse_decode_attention
+from .attention.routing import routed_layout
 
 __all__ = [
     "BlockLayout",
@@ -27,4 +30,5 @@ __all__ = [
     "block_sparse_decode_attention",
     "dense_block_mask",
     "reference_attention",
+    "routed_layout",
 ]
