@@ -63,18 +63,19 @@ def routed_blocks(
     device = q.device
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
-    # Mean-pooled queries [B, H, nQB, D] (a ragged last block averages its real rows).
-    qp = torch.nn.functional.pad(q.to(work), (0, 0, 0, nqb * bs - lq))
+    # Mean-pooled queries [B, H, nQB, D] (a ragged last block averages its real rows) and keys
+    # [B, Hkv, nKB, D] over the real keys of each block; block sums read q/k in place.
     q_rows = torch.clamp(lq - torch.arange(nqb, device=device) * bs, max=bs).to(work)
-    q_pool = qp.view(b, h, nqb, bs, d).sum(3) / q_rows.view(1, 1, nqb, 1)
-    # Mean-pooled keys [B, Hkv, nKB, D] over the real keys of each block.
-    real = torch.ones(b, lk, dtype=work, device=device)
-    if key_padding_mask is not None:
+    q_pool = _block_sums(q, bs, nqb, work) / q_rows.view(1, 1, nqb, 1)
+    if key_padding_mask is None:
+        k_count = torch.clamp(lk - torch.arange(nkb, device=device) * bs, max=bs).to(work)
+        k_count = k_count.view(1, 1, nkb).expand(b, 1, nkb)
+        k_sum = _block_sums(k, bs, nkb, work)
+    else:
         real = key_padding_mask.to(work)
-    real = torch.nn.functional.pad(real, (0, nkb * bs - lk))  # [B, nKB * bs]
-    kp = torch.nn.functional.pad(k.to(work), (0, 0, 0, nkb * bs - lk)) * real[:, None, :, None]
-    k_count = real.view(b, 1, nkb, bs).sum(-1)  # [B, 1, nKB]
-    k_pool = kp.view(b, hkv, nkb, bs, d).sum(3) / k_count.clamp(min=1).unsqueeze(-1)
+        k_count = _block_sums(real.view(b, 1, lk, 1), bs, nkb, work).squeeze(-1)  # [B, 1, nKB]
+        k_sum = _block_sums(k.to(work) * real[:, None, :, None], bs, nkb, work)
+    k_pool = k_sum / k_count.clamp(min=1).unsqueeze(-1)
 
     if kv_group:
         q_pool = q_pool.view(b, hkv, h // hkv, nqb, d).mean(2)
@@ -97,6 +98,15 @@ def routed_blocks(
         chosen = chosen.scatter(-1, top.indices, top.values > float("-inf"))
     kept = chosen | forced
     return kept, chosen, scores
+
+
+def _block_sums(x: torch.Tensor, block: int, n_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, L, D] -> sums over each block of ``block`` rows, [B, H, n_blocks, D] in ``dtype``."""
+    full = x.shape[2] // block
+    sums = x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=dtype)
+    if full < n_blocks:  # the ragged last block
+        sums = torch.cat([sums, x[:, :, full * block :].sum(2, keepdim=True, dtype=dtype)], dim=2)
+    return sums
 
 
 def compress_block_grid(grid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
