@@ -36,7 +36,6 @@ from spion_fx.capture import size_hint
 from spion_fx.decisions import Decision
 from spion_fx.lowering.partition import CompileOnFirstCall, split_at_sites
 from spion_fx.passes.attention_census import attention_like_ops
-from spion_fx.passes.detect import detect_sites
 from spion_fx.passes.expand_mha import expand_multi_head_attention
 from spion_fx.passes.rewrite import rewrite_sites
 from spion_fx.passes.sites import AttentionSite
@@ -93,6 +92,7 @@ def _rewrite_regions(compiler, gm: fx.GraphModule, names: dict[str, str], values
                     body_names[placeholder.name] = names[operand.name]
                 body_values[placeholder.name] = values.get(operand.name, placeholder.meta.get("example_value"))
         mha = expand_multi_head_attention(body)
+        from spion_fx.passes.detect import detect_sites  # lazily, as the backend does
         attention, linear = detect_sites(body, body_names)
         nested = _rewrite_regions(compiler, body, body_names, body_values, record)
         if not attention and not linear and not nested:
