@@ -74,7 +74,7 @@ def test_switch_and_probe_steps_lower_nothing(count_lowerings, inner):
 
 def test_inductor_parts_serve_every_length_after_one_more_lowering(count_lowerings):
     """A length per batch after the switch: the first new length makes the graph dynamic (one
-    more lowering of each part); every later length runs what was lowered. Inductor given one
+    more lowering of each part, dynamic); every later length runs what was lowered. Inductor given one
     call's tensors used to assert their sizes on the next length."""
     torch.manual_seed(0)
     model, kwargs = zoo.build("gpt2", seq_len=SEQ, batch=2)
@@ -93,7 +93,7 @@ def test_inductor_parts_serve_every_length_after_one_more_lowering(count_lowerin
     state = model.spion_state
     assert all(s.phase == "sparse" and s.kernel_calls["sparse"] == 5 for s in state.attention_sites())
     assert state.eager_forwards == 0
-    assert lowered[4:] == [lowered[4]] * 3  # lengths 48, 21, 56: nothing lowered
+    assert lowered[3:] == [lowered[3]] * 4  # the parts compiled once, dynamic: 48, 21, 56 lower nothing
 
 
 def test_dense_phase_equals_the_model_without_spion_fx_under_inductor():
@@ -164,13 +164,37 @@ def test_split_module_keeps_site_eager_and_strides_stable():
     torch.testing.assert_close(split(x), want)
     assert len(compiled) == 2
     site = runners[1]
-    first_strides = site.strides
+    first_orders = site.orders
     gm.site.transposed = True  # the site's kernel now returns another layout
     got = split(x)
     torch.testing.assert_close(got, want)
-    assert site.strides == first_strides and len(compiled) == 2  # no re-lowering either
+    assert site.orders == first_orders and len(compiled) == 2  # no re-lowering either
     got.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_eager_site_keeps_its_layout_at_another_length():
+    """With dynamic shapes a site's next call may be longer: its output is laid out in the first
+    call's dimension order for its own shape (the first call's stride values would overlap)."""
+
+    class Site(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.permuted = True
+
+        def forward(self, x):  # dense SDPA's [B, H, L, D] view of [B, L, H, D] memory, or contiguous
+            return x.transpose(1, 2).contiguous().transpose(1, 2) if self.permuted else x.clone()
+
+    site = Site()
+    runner = EagerSite(site)  # any callable partition
+    short = torch.randn(2, 3, 5, 4)
+    first = runner(short)
+    assert first.stride() == short.transpose(1, 2).contiguous().transpose(1, 2).stride()
+    site.permuted = False  # the block-sparse kernel: contiguous
+    long = torch.randn(2, 3, 9, 4)
+    out = runner(long)
+    torch.testing.assert_close(out, long)
+    assert out.stride() == (9 * 3 * 4, 4, 3 * 4, 1)  # [B, L, H, D] memory for the new length
 
 
 def test_split_returns_the_graph_unchanged_without_sites():

@@ -40,8 +40,10 @@ class CompileOnFirstCall:
     the inner compiler as its backend: handing the inner compiler the real tensors of one call
     would specialise it to their sizes (inductor asserts them), and a model trained on batches
     of many lengths, or generating with a growing cache, would fail or re-lower per length.
-    Dimensions that are symbolic in the captured graph (Dynamo made them dynamic) are marked
-    dynamic on the first call's inputs, so one compilation serves every length.
+    A graph Dynamo captured with symbolic sizes is compiled ``dynamic=True`` (activations and
+    integers symbolic; parameters stay static, Dynamo's ``force_parameter_static_shapes``), so
+    one compilation serves every length; a static graph is compiled static. Nothing is marked
+    on the tensors: a mark would stay on the user's inputs and fail the model's own guards.
     """
 
     def __init__(self, gm: fx.GraphModule, compile_fn: Compile) -> None:
@@ -55,16 +57,11 @@ class CompileOnFirstCall:
         if self.unwrap:
             output.args = ((output.args[0],),)
             gm.recompile()
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.dynamic_dims = [symbolic_dims(n.meta.get("example_value")) for n in placeholders]
+        self.dynamic = any(is_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder")
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             self.compiled = self._compile()
-        for value, dims in zip(args, self.dynamic_dims):
-            if dims and isinstance(value, torch.Tensor):
-                for dim in dims:
-                    torch._dynamo.maybe_mark_dynamic(value, dim)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = self.compiled(*args)
@@ -76,43 +73,64 @@ class CompileOnFirstCall:
         def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
             return compile_fn(gm, example_inputs)
 
-        # dynamic=None: the marked dimensions are dynamic from the first call, the rest static
-        return torch.compile(self.gm, backend=backend, dynamic=None, fullgraph=True)
+        return torch.compile(self.gm, backend=backend, dynamic=self.dynamic, fullgraph=True)
 
 
-def symbolic_dims(value: Any) -> tuple[int, ...]:
-    """Dimensions of a captured example value whose size is symbolic (dynamic in the graph)."""
-    if not isinstance(value, torch.Tensor):
-        return ()
-    return tuple(i for i, size in enumerate(value.shape) if isinstance(size, torch.SymInt)
-                 and size.node.maybe_as_int() is None)
+def is_symbolic(value: Any) -> bool:
+    """Whether a captured example value has a symbolic size (or is a symbolic integer)."""
+    if isinstance(value, torch.SymInt):
+        return value.node.maybe_as_int() is None
+    if isinstance(value, torch.Tensor):
+        return any(isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None for size in value.shape)
+    return False
 
 
 class EagerSite:
-    """A site partition, run eagerly, whose outputs keep the strides of its first call.
+    """A site partition, run eagerly, whose outputs keep the memory layout of its first call.
 
     The compiled partition downstream asserts the strides it was compiled for, and a site's
     kernels differ in output layout (dense SDPA returns a permuted view, the block-sparse kernels
-    a contiguous tensor): a later layout is copied into the first one (B·H·L·D elements, noise
-    next to the attention itself) instead of re-lowering downstream code.
+    a contiguous tensor): a later output in another layout is copied into the first one's
+    (B·H·L·D elements, noise next to the attention itself) instead of re-lowering downstream
+    code. What is kept is the *order* of the dimensions in memory, not the stride values: with
+    dynamic shapes the next call may have another length, and the first call's strides would
+    make its copy overlap itself.
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.strides: list[tuple[int, ...] | None] | None = None
+        self.orders: list[tuple[int, ...] | None] | None = None
 
     def __call__(self, *args: Any) -> Any:
         out = self.gm(*args)
         many = isinstance(out, (tuple, list))
         values = list(out) if many else [out]
-        if self.strides is None:
-            self.strides = [v.stride() if isinstance(v, torch.Tensor) else None for v in values]
-        for i, (value, stride) in enumerate(zip(values, self.strides)):
-            if stride is not None and value.stride() != stride:
+        if self.orders is None:
+            self.orders = [dim_order(v) if isinstance(v, torch.Tensor) else None for v in values]
+        for i, (value, order) in enumerate(zip(values, self.orders)):
+            if order is None or not isinstance(value, torch.Tensor):
+                continue
+            stride = dense_strides(value.shape, order)
+            if value.stride() != stride:
                 values[i] = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device).copy_(value)
         if not many:
             return values[0]
         return type(out)(values)
+
+
+def dim_order(value: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of `value` from outermost to innermost in memory."""
+    return tuple(sorted(range(value.dim()), key=lambda i: (-value.stride(i), -i)))
+
+
+def dense_strides(shape: torch.Size, order: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of a non-overlapping, dense tensor of `shape` laid out in `order`."""
+    strides = [0] * len(shape)
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= max(int(shape[dim]), 1)
+    return tuple(strides)
 
 
 def split_at_sites(gm: fx.GraphModule, site_targets: Iterable[str], compile_fn: Compile) -> fx.GraphModule:
