@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spion_fx.capture import graph_break_reasons, tracing_settings
+from spion_fx.capture import graph_break_reasons, mark_sequence_dims, tracing_settings
 from spion_fx.ddp import DDPBufferGuard
 from spion_fx.lowering.backend import SpionCompiler
 from spion_fx.lowering.backend_entry import STATE_ATTR, attach_backend_state
@@ -80,6 +80,7 @@ def sparsify(
             # mha_fast_paths_off: Dynamo then captures nn.TransformerEncoderLayer's open path
             with mha_fast_paths_off(), tracing_settings(recompile_limit=_recompile_limit_for(state)):
                 calls_before = state.graph_calls
+                mark_sequence_dims(args, kwargs)
                 if compiler.attention_checked:
                     result = compiled_call(*args, **kwargs)
                 else:

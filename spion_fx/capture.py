@@ -215,3 +215,19 @@ def size_hint(size: int | torch.SymInt) -> int:
         hint = size.node.hint
         return int(hint) if hint is not None else 0
     return int(size)
+
+
+def mark_sequence_dims(args: tuple, kwargs: dict) -> None:
+    """Mark the sequence dimension of token inputs as dynamic before Dynamo sees them.
+
+    Token ids, attention masks, labels and position ids are integer (or bool) tensors whose last
+    dimension is the sequence: marking it (``maybe_mark_dynamic``: Dynamo may still specialise,
+    e.g. a length of 1) makes the first compilation serve every length, so the first batch of a
+    new length — after the switch, in a collator that pads per batch — compiles nothing. The mark
+    stays on the tensor; every call goes through here, so every call's inputs carry the same
+    marks and Dynamo's guards see no difference between them.
+    """
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point() \
+                and not value.is_complex() and value.shape[-1] > 1:
+            torch._dynamo.maybe_mark_dynamic(value, value.dim() - 1)
