@@ -173,3 +173,26 @@ def marked_section(text: str, begin: str, end: str) -> str:
     start = text.find(begin)
     stop = text.find(end, start + len(begin)) if start >= 0 else -1
     return text[start + len(begin):stop].strip("\n") + "\n" if stop >= 0 else ""
+
+
+def benchmark_main(name: str, doc: str | None, title: str, run: Callable[..., list[dict[str, Any]]],
+                   threads: int | None = None) -> None:
+    """The command line of a benchmark that run_cpu.py also runs: print its table, or with
+    ``--write`` measure it through ``run_cpu.py --only NAME`` (its subsection of BENCHMARKS.md).
+    ``threads``: the default of a ``--threads`` option passed on to ``run``, if it has one."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="torch threads for the table")
+    parser.add_argument("--write", action="store_true",
+                        help="measure through run_cpu.py and write its subsection of BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.write:
+        import run_cpu
+
+        run_cpu.main(["--only", name, *(["--quick"] if args.quick else [])])
+        return
+    print(machine_line())
+    print_table(title, run(args.quick, args.threads) if threads is not None else run(args.quick))

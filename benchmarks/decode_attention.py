@@ -25,7 +25,6 @@ process's default thread count, whatever the load makes of it.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine_line, print_table  # noqa: E402
+from common import benchmark_main  # noqa: E402
 
 from spion_fx.kernels import DecodeLayout, block_sparse_decode_attention  # noqa: E402
 
@@ -142,20 +141,7 @@ def run(quick: bool = False, threads: int = 1) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the table")
-    parser.add_argument("--write", action="store_true",
-                        help="measure through run_cpu.py and write its subsection of BENCHMARKS.md")
-    args = parser.parse_args()
-    if args.write:
-        import run_cpu
-
-        run_cpu.main(["--only", "decode_attention", *(["--quick"] if args.quick else [])])
-        return
-    print(machine_line())
-    print_table("decode attention, Lq=1 B=1 H=8 D=64 fp32, block 64 (medians, interleaved)",
-                run(args.quick, args.threads))
+    benchmark_main("decode_attention", __doc__, "decode attention, Lq=1 B=1 H=8 D=64 fp32, block 64 (medians, interleaved)", run, threads=1)
 
 
 if __name__ == "__main__":

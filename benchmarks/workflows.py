@@ -5,14 +5,13 @@
   forced by ``max_dense_steps=3``; then 30 training steps over 30 different lengths drawn from
   [256, 2047] (random order, fixed seed; 2048, the dense phase's length, is left out, so every
   length is new to the sparse phase), timed as a whole; then the same 30 steps (same lengths,
-  same order, same tokens) again, every length now seen. No warm-up: the first pass includes the
-  recompiles that new lengths cause (the model's graph once, made dynamic, at the first new
-  length; as measured on 2026-12-03 its compiled parts compile static there and once more,
-  dynamic, at the second new length), and its first step is also shown on its own
-  (``first_step_s``). Each step gets fresh (cloned,
-  contiguous) tensors, as a data loader gives: passing the very tensor objects of the first pass
-  again would recompile the model once more (a compiled part marks its inputs dynamic, which
-  leaves a mark on the user's tensor that the model's guard rejects), which is not what a
+  same order, same tokens) again, every length now seen. No warm-up: the first pass includes
+  whatever new lengths cost. sparsify marks the sequence dimension of token inputs dynamic from
+  the first call, so the graph and its compiled parts compiled in the dense phase serve every
+  length (before 2026-12-03 09:10 the first new length recompiled the graph and the parts
+  compiled twice); the first step is also shown on its own (``first_step_s``). Each step gets
+  fresh (cloned, contiguous) tensors, as a data loader gives (the same tensor objects work too:
+  every call's inputs carry the same marks), which is what a
   training loop sees. Counted: each step must add ``n_layers`` sparse-kernel calls
   (``site.kernel_calls["sparse"]``) and no eager forward (``state.eager_forwards``); process CPU
   time per pass beside the wall time (``ratio_cpu_time``: less inflated by other processes on a
@@ -42,7 +41,6 @@ rows for ``benchmarks/run_cpu.py``.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -56,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ROOT, machine_line, print_table  # noqa: E402
+from common import ROOT, benchmark_main  # noqa: E402
 
 import spion_fx  # noqa: E402
 from spion_fx.data import BatchSampler, load_corpus  # noqa: E402
@@ -283,18 +281,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--write", action="store_true",
-                        help="measure through run_cpu.py and write its subsection of BENCHMARKS.md")
-    args = parser.parse_args()
-    if args.write:
-        import run_cpu
-
-        run_cpu.main(["--only", "workflows", *(["--quick"] if args.quick else [])])
-        return
-    print(machine_line())
-    print_table("workflows after the switch: a length per batch, generate (medians, same run)", run(args.quick))
+    benchmark_main("workflows", __doc__, "workflows after the switch: a length per batch, generate (medians, same run)", run)
 
 
 if __name__ == "__main__":
