@@ -29,7 +29,7 @@ from common import (
 BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
 # Kernel-level first, then whole-model: the order the report reads best in.
 MODULES = (
-    "attention_cpu", "hsa_cpu", "decode_attention", "pattern_generation", "nm_linear", "train_step",
+    "attention_cpu", "hsa_cpu", "decode_attention", "routed_cpu", "pattern_generation", "nm_linear", "train_step",
     "switch_time", "workflows", "probe_overhead", "quality",
 )  # long_range.py writes its own section (`python benchmarks/long_range.py --write`)
 

@@ -9,10 +9,11 @@
   whatever new lengths cost. sparsify marks the sequence dimension of token inputs dynamic from
   the first call, so the graph and its compiled parts compiled in the dense phase serve every
   length (before 2026-12-03 09:10 the first new length recompiled the graph and the parts
-  compiled twice); the first step is also shown on its own (``first_step_s``). Each step gets
-  fresh (cloned, contiguous) tensors, as a data loader gives (the same tensor objects work too:
-  every call's inputs carry the same marks), which is what a
-  training loop sees. Counted: each step must add ``n_layers`` sparse-kernel calls
+  compiled twice); the first step is also shown on its own (``first_step_s``). Each batch is a
+  window of a sampler batch, in the sampler's memory layout (a view of a [B, L + 1] buffer) as in
+  the dense phase: a contiguous copy would fail Dynamo's stride guard (``stride[0] != size[1]``)
+  and recompile once, whatever spion_fx does; the second pass passes the very same tensors
+  (every call's inputs carry the same dynamic marks, so they pass the guards). Counted: each step must add ``n_layers`` sparse-kernel calls
   (``site.kernel_calls["sparse"]``) and no eager forward (``state.eager_forwards``); process CPU
   time per pass beside the wall time (``ratio_cpu_time``: less inflated by other processes on a
   shared machine, as the passes cannot be interleaved); the graphs
@@ -101,16 +102,17 @@ def lengths_per_batch(quick: bool) -> list[dict[str, Any]]:
     if not _all_sparse(model):
         raise RuntimeError("the demo model did not switch at max_dense_steps")
     lengths = random.Random(0).sample(range(*LENGTHS), n_lengths)
-    batches = [(x[:, :n].contiguous(), y[:, :n].contiguous())
-               for n, (x, y) in zip(lengths, (next(sampler) for _ in lengths))]
+    # windows of the sampler's batches, laid out as the sampler lays out every batch (views of a
+    # [B, L + 1] buffer): a batch in another memory layout than the dense phase's would fail
+    # Dynamo's stride guards and recompile, whatever spion_fx does
+    batches = [(x[:, :n], y[:, :n]) for n, (x, y) in zip(lengths, (next(sampler) for _ in lengths))]
     state = spion_fx.get_state(model)
     layers = config.n_layers
     passes = []
     for name in ("first (every length new)", "second (every length seen)"):
         seconds, cpu, short, eager_before, compiled = [], [], 0, state.eager_forwards, _compile_counts()
         for x, y in batches:
-            # fresh tensors each step, as a data loader gives (see the module docstring)
-            batch = (x.clone(), y.clone())
+            batch = (x, y)
             calls = _calls(model, "sparse")
             begin, begin_cpu = time.perf_counter(), time.process_time()
             train_step(model, optimizer, batch, config.lr)
