@@ -62,7 +62,9 @@ class CompileOnFirstCall:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             self.compiled = self._compile()
-        with warnings.catch_warnings():
+        # Python floats (a linear site's SR-STE lambda) stay constants: as symbolic floats
+        # Dynamo would have to lift them into the sites' autograd.Function, which it cannot.
+        with warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
             warnings.simplefilter("ignore", UserWarning)
             out = self.compiled(*args)
         return out[0] if self.unwrap else out
