@@ -217,10 +217,16 @@ def size_hint(size: int | torch.SymInt) -> int:
     return int(size)
 
 
+# integer inputs: token ids, labels, position ids, HF's int attention masks. Bool masks are left
+# alone: nn.MultiheadAttention's key-padding masks are bool, and its expansion
+# (passes/expand_mha.py) needs static lengths.
+_TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
 def mark_sequence_dims(args: tuple, kwargs: dict) -> None:
     """Mark the sequence dimension of token inputs as dynamic before Dynamo sees them.
 
-    Token ids, attention masks, labels and position ids are integer (or bool) tensors whose last
+    Token ids, attention masks, labels and position ids are integer tensors whose last
     dimension is the sequence: marking it (``maybe_mark_dynamic``: Dynamo may still specialise,
     e.g. a length of 1) makes the first compilation serve every length, so the first batch of a
     new length — after the switch, in a collator that pads per batch — compiles nothing. The mark
@@ -228,6 +234,6 @@ def mark_sequence_dims(args: tuple, kwargs: dict) -> None:
     marks and Dynamo's guards see no difference between them.
     """
     for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point() \
-                and not value.is_complex() and value.shape[-1] > 1:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.dtype in _TOKEN_DTYPES \
+                and value.shape[-1] > 1:
             torch._dynamo.maybe_mark_dynamic(value, value.dim() - 1)
