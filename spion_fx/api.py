@@ -81,7 +81,7 @@ def sparsify(
             state.on_training_forward()
         try:
             # mha_fast_paths_off: Dynamo then captures nn.TransformerEncoderLayer's open path
-            with mha_fast_paths_off(), tracing_settings(recompile_limit=_recompile_limit_for(state)):
+            with mha_fast_paths_off(), tracing_settings(recompile_limit=_recompile_limit()):
                 calls_before = state.graph_calls
                 if mark_lengths:
                     mark_sequence_dims(args, kwargs)
@@ -114,7 +114,7 @@ def sparsify(
 _LIVE_STATES: weakref.WeakSet = weakref.WeakSet()
 
 
-def _recompile_limit_for(state: SparsityState) -> int:
+def _recompile_limit() -> int:
     return max(recompile_limit(), 4 * (len(_LIVE_STATES) + 1))
 
 
