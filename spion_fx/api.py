@@ -66,9 +66,6 @@ def sparsify(
     compiled_call = torch.compile(own_run_model, backend=compiler, dynamic=None)
     _LIVE_STATES.add(state)
     ddp_buffers = DDPBufferGuard(state)
-    # nn.MultiheadAttention's expansion (passes/expand_mha.py) needs static lengths: a model
-    # holding one compiles for its first length and becomes dynamic at the second, as before.
-    mark_lengths = not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     state.count_steps = "optimizer" if optimizer is not None else "forward"
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -83,8 +80,7 @@ def sparsify(
             # mha_fast_paths_off: Dynamo then captures nn.TransformerEncoderLayer's open path
             with mha_fast_paths_off(), tracing_settings(recompile_limit=_recompile_limit()):
                 calls_before = state.graph_calls
-                if mark_lengths:
-                    mark_sequence_dims(args, kwargs)
+                mark_sequence_dims(args, kwargs)
                 if compiler.attention_checked:
                     result = compiled_call(*args, **kwargs)
                 else:

@@ -218,8 +218,8 @@ def size_hint(size: int | torch.SymInt) -> int:
 
 
 # integer inputs: token ids, labels, position ids, HF's int attention masks. Bool masks are left
-# alone: nn.MultiheadAttention's key-padding masks are bool, and its expansion
-# (passes/expand_mha.py) needs static lengths.
+# alone: their last dim is not always a sequence of tokens (e.g. a square mask); Dynamo makes
+# them dynamic at their second length, as any other input.
 _TOKEN_DTYPES = (torch.int64, torch.int32)
 
 

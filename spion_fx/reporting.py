@@ -15,6 +15,7 @@ def build_report(state: SparsityState) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [_attention_row(site) for site in state.attention_sites()]
     rows += _attention_kept_dense(state, {row["site"] for row in rows})
     rows += _eager_forwards(state)
+    rows += _recompiles_kept_dense(state)
     if state.linear is not None:
         for entry in state.linear.report():
             rows.append({"kind": "linear", **entry})
@@ -68,6 +69,16 @@ def _eager_forwards(state: SparsityState) -> list[dict[str, Any]]:
         "note": f"{state.eager_forwards} forward(s) ran without spion_fx's graphs: "
                 + (reasons[0] if reasons else "Dynamo fell back to eager"),
     }]
+
+
+def _recompiles_kept_dense(state: SparsityState) -> list[dict[str, Any]]:
+    """Graphs Dynamo recompiled whose attention stays dense while earlier graphs of the same
+    model have sites (lowering/backend.py `_warn_if_attention_lost`): calls that take them are
+    dense at those sites, whatever the site rows above say."""
+    return [{
+        "site": f"graph {e['graph']}", "kind": "summary", "phase": "recompiled dense",
+        "note": f"a recompiled graph keeps attention dense: {e['reason']}",
+    } for e in state.events if e.get("event") == "attention_kept_dense"]
 
 
 def _attention_kept_dense(state: SparsityState, listed: set[str]) -> list[dict[str, Any]]:

@@ -170,6 +170,65 @@ def test_dynamic_shapes_stay_opaque_with_a_reason():
     assert detect_sites(graph)[0] == []
 
 
+@pytest.mark.parametrize("form", ["bool masks", "is_causal", "bias_kv + zero_attn", "kdim/vdim cross", "unbatched"])
+def test_symbolic_lengths_expand_once_for_every_length(form):
+    """A length per batch: Dynamo's second length makes the graph symbolic, and the expansion
+    reads the sizes from the graph, so that one graph keeps its site at every length."""
+    make, _, _ = FORMS[form]
+    module = make().double()
+    reference = copy.deepcopy(module)
+    state = SparsityState(Policy.coerce("dense"))
+    compiled = torch.compile(module, backend="spion", options={"inner": "eager", "state": state})
+    g = torch.Generator().manual_seed(1)
+    for length in (8, 11, 13, 5):
+        batched = form != "unbatched"
+        x = torch.randn((length, B, E) if batched else (length, E), generator=g, dtype=torch.float64)
+        if form == "kdim/vdim cross":
+            args = (x, torch.randn(length + 1, B, 5, generator=g, dtype=torch.float64),
+                    torch.randn(length + 1, B, 7, generator=g, dtype=torch.float64))
+        else:
+            args = (x, x, x)
+        pad = torch.zeros(B, length, dtype=torch.bool)
+        pad[1, length - 2:] = True
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        masks = {"bool masks": (pad, causal), "is_causal": (None, causal),
+                 "bias_kv + zero_attn": (pad, causal), "unbatched": (pad[1],)}.get(form, ())
+        torch.testing.assert_close(compiled(*args, *masks), reference(*args, *masks), rtol=1e-10, atol=1e-10)
+    records = state.compiler.records
+    assert len(records) == 2, "the second length makes the graph symbolic; no graph per length after it"
+    assert all(len(r.attention_sites) == 1 for r in records), [r.attention_sites for r in records]
+    assert not any(r.unmatched_attention for r in records)
+
+
+class SometimesWeights(nn.Module):
+    """Returns the attention weights too when asked: Dynamo recompiles for the flag, and that
+    graph's attention must stay dense (its probabilities are used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS)
+
+    def forward(self, x, with_weights: bool):
+        out, weights = self.attn(x, x, x, need_weights=with_weights)
+        return out.sum() + (weights.sum() if with_weights else 0)
+
+
+def test_a_recompile_that_keeps_attention_dense_is_reported():
+    model = SometimesWeights().double()
+    spion_fx.sparsify(model, "spion-cf", inner="eager", block_size=4)
+    x = _inputs()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x, False)
+        assert not [w for w in caught if "keeps attention dense" in str(w.message)]
+        model(x, True)
+        model(x, True)
+    (message,) = [str(w.message) for w in caught if "keeps attention dense" in str(w.message)]
+    assert "need_weights=True" in message and "graph 1" in message
+    rows = [r for r in spion_fx.report(model, print_table=False) if r["phase"] == "recompiled dense"]
+    assert len(rows) == 1 and "need_weights=True" in rows[0]["note"]
+
+
 def test_linear_sites_name_the_projections():
     _, _, linear = expanded(Attn(True, {"need_weights": False}), *_inputs())
     assert {(s.name, s.weight_name) for s in linear} == {

@@ -12,6 +12,7 @@ fast; the compiled (inductor) path across lengths is covered in test_partition.p
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 import textwrap
 import warnings
@@ -191,6 +192,40 @@ def test_a_length_per_batch_stays_sparse_without_recompiling_per_length():
     assert int(sparse_calls) == 14 * 2
     assert int(eager) == 0
     assert float(gen_seconds) < 60  # no recompile per token (it was 20 s for 24 tokens before)
+
+
+def test_nn_transformer_encoder_keeps_its_sites_at_every_length():
+    """PyTorch's own nn.TransformerEncoder (nn.MultiheadAttention, expanded by spion_fx) with a
+    length per batch after the switch: the graph made dynamic at the second length keeps both
+    sites, and every later length runs the sparse kernel with no graph per length."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = _run_fresh(f"""
+        import sys, warnings, torch, spion_fx
+        sys.path.insert(0, {str(examples)!r})
+        from transformer_encoder_spion import EncoderLM
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        m = EncoderLM(512, 32, 2, 2).train()
+        opt = torch.optim.AdamW(m.parameters(), 1e-3)
+        spion_fx.sparsify(m, "spion-cf", optimizer=opt, probe_interval=1, block_size=16, max_dense_steps=3, inner="eager")
+        st = spion_fx.get_state(m)
+        def step(L):
+            x = torch.randint(0, 256, (2, L))
+            m(x, x).backward(); opt.step(); opt.zero_grad()
+        for _ in range(4): step(64)
+        graphs = len(st.compiler.records)
+        calls = sum(s.kernel_calls["sparse"] for s in st.attention_sites())
+        for L in (80, 100, 131, 200, 257): step(L)
+        print(len(st.compiler.records) - graphs,
+              sum(s.kernel_calls["sparse"] for s in st.attention_sites()) - calls, st.eager_forwards,
+              all(len(r.attention_sites) == 2 for r in st.compiler.records),
+              all(s.phase == "sparse" for s in st.attention_sites()))
+    """)
+    new_graphs, sparse_calls, eager, sites_everywhere, sparse = out.split()
+    assert int(new_graphs) <= 1
+    assert int(sparse_calls) == 5 * 2
+    assert int(eager) == 0
+    assert sites_everywhere == "True" and sparse == "True"
 
 
 def test_the_fiftieth_model_in_one_process_gets_its_sites():

@@ -64,6 +64,7 @@ class SpionCompiler:
         # the model's own class name names a site held by the root module itself
         self._root_name = type(model).__name__ if model is not None else None
         self._root_sites: set[str] = set()
+        self._lost_reported: set[str] = set()  # dense-attention reasons already warned about
         self.records: list[GraphRecord] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -93,6 +94,7 @@ class SpionCompiler:
         # sites inside activation-checkpointed blocks; each block is then called eagerly, like a site
         regions = rewrite_checkpoint_regions(self, gm, names, example_inputs, record)
         record.graph_module = gm
+        self._warn_if_attention_lost(record)
         self.records.append(record)
         self.state.graph_records = self.records
         if self._model is None and opaque_attention_calls(gm):
@@ -121,6 +123,27 @@ class SpionCompiler:
             f"{len(self.records)} captured graph(s); attention stays dense. Seen instead: "
             + ("; ".join(seen) if seen else "nothing attention-like (no softmax, SDPA or known attention op)"),
             stacklevel=4,  # the user's model(...) call, through sparsify's wrapper and nn.Module
+        )
+
+    def _warn_if_attention_lost(self, record: GraphRecord) -> None:
+        """A recompiled graph (a new length, a new shape) whose attention stays dense while the
+        graphs before it had sites: the model would silently compute densely whenever Dynamo
+        picks this graph, so say so (once per reason) and record it for report()."""
+        if not any(r.attention_sites for r in self.records):
+            return  # nothing was sparse before: warn_if_no_attention speaks for that case
+        lost = [*record.unmatched_attention,
+                *(f"{d.site}: {d}" for d in record.decisions if d.kind == "attention" and d.dense)]
+        new = sorted(set(lost) - self._lost_reported)
+        if not new:
+            return
+        self._lost_reported |= set(new)
+        self.state.events.append({"event": "attention_kept_dense", "step": int(self.state.step),
+                                  "graph": record.index, "reason": "; ".join(new)})
+        warnings.warn(
+            f"spion_fx: graph {record.index} (a recompile: new shapes or guards) keeps attention "
+            f"dense that earlier graphs ran through spion_fx sites; calls that take this graph "
+            f"compute that attention densely. Seen: {'; '.join(new)}",
+            stacklevel=4,
         )
 
     def _unresolved(self, site: AttentionSite | LinearSite, record: GraphRecord) -> bool:

@@ -12,8 +12,10 @@ fx.Proxy over the graph itself, so the code reads like the function it mirrors.
 
 Dynamo specializes on the Python values (training, need_weights, is_causal, which masks are
 None, batch_first's transposes, num_heads), so they are constants here and each graph gets the
-branch it took. What the pass cannot expand exactly stays the opaque call, with a reason:
-non-constant arguments, symbolic (dynamic) shapes, users of the tuple other than getitem.
+branch it took. Lengths and the batch size may be symbolic (a graph compiled for every sequence
+length): the expansion then reads them from the graph (`query.size(0)`), so one expanded graph
+serves every length. What the pass cannot expand exactly stays the opaque call, with a reason:
+non-constant arguments, a symbolic embedding dimension, users of the tuple other than getitem.
 
 When need_weights=True *and* the weights are used, the weights are the softmax probabilities:
 the expansion keeps the explicit chain, whose probabilities have a second user, so detection
@@ -38,13 +40,14 @@ import math
 import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._dispatch.python import enable_python_dispatcher
 
 from spion_fx.capture import owning_module
 from spion_fx.passes.dead_code import eliminate_dead_code
@@ -79,10 +82,11 @@ class MHAConfig:
     average_attn_weights: bool
     is_causal: bool
     batched: bool
-    tgt_len: int
-    bsz: int
+    # Sizes: ints, or (symbolic shapes) the graph's own size nodes as fx.Proxy (`_sizes_from_graph`).
+    tgt_len: int | Any
+    bsz: int | Any
     embed_dim: int
-    src_len: int  # key's (or static_k's) length, before bias_k / add_zero_attn
+    src_len: int | Any  # key's (or static_k's) length, before bias_k / add_zero_attn
     self_attention: bool  # query is key is value (one node)
     key_is_value: bool
     mask_dtype: torch.dtype  # query's dtype: boolean masks become additive masks of it
@@ -169,8 +173,6 @@ def _expand(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
     if any(user.op != "call_function" or user.target is not operator.getitem for user in node.users):
         return "its result tuple is used whole"
     values = {key: _fake(n) for key, n in tensors.items() if n is not None}
-    if any(not all(isinstance(s, int) for s in v.shape) for v in values.values()):
-        return "dynamic shapes"
     weights_used = _weights_used(node)
     if weights_used and not params["need_weights"]:
         return "its None weights are used"
@@ -187,6 +189,7 @@ def _expand(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
     before = set(graph.nodes)
     with graph.inserting_before(node):
         proxies = [fx.Proxy(n, tracer) if n is not None else None for n in tensors.values()]
+        config = _sizes_from_graph(config, values, dict(zip(tensors, proxies)))
         output, weights = explicit_multi_head_attention(config, *proxies)
     new_nodes = [n for n in graph.nodes if n not in before]
     stack = dict(node.meta.get("nn_module_stack") or {})
@@ -200,6 +203,25 @@ def _expand(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
     return config
 
 
+def _sizes_from_graph(config: MHAConfig, values: dict, proxies: dict) -> MHAConfig:
+    """`config` with each symbolic length or batch size replaced by its size read in the graph.
+
+    A graph compiled for every length has SymInt sizes; emitting them as constants would bake in
+    the example's length. `query.size(0)` etc. are graph nodes, so the views that use them
+    follow the call's real length (Dynamo's own graphs read sizes the same way).
+    """
+    def read(name: str, dim: int, size: Any) -> Any:
+        return size if isinstance(size, int) else proxies[name].size(dim)
+
+    static_k = values.get("static_k") is not None
+    return replace(
+        config,
+        tgt_len=read("query", 0, config.tgt_len),
+        bsz=read("query", 1, config.bsz) if config.batched else config.bsz,
+        src_len=read("static_k", 1, config.src_len) if static_k else read("key", 0, config.src_len),
+    )
+
+
 def _weights_used(node: fx.Node) -> bool:
     return any(user.args[1] == 1 and user.users for user in node.users
                if user.op == "call_function" and user.target is operator.getitem)
@@ -211,6 +233,8 @@ def _config(params: dict, tensors: dict, values: dict, weights_used: bool) -> MH
     if query.dim() not in (2, 3):
         return "query is not 2-D or 3-D"
     tgt_len, bsz, embed_dim = query.shape if batched else (query.shape[0], 1, query.shape[1])
+    if not isinstance(embed_dim, int):
+        return "a symbolic embedding dimension"
     heads = params["num_heads"]
     if embed_dim != params["embed_dim_to_check"] or heads <= 0 or embed_dim % heads:
         return "embed_dim does not match num_heads"
@@ -279,7 +303,10 @@ def _owned_by(stack: dict, module_type: type) -> bool:
 
 def _run_fake(node: fx.Node, fake_mode: Any) -> Any:
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value"))
-    with _maybe(fake_mode):
+    # The Python dispatcher, as Dynamo's own fake runs: composite ops (F.pad's C++ path) then
+    # decompose in Python with symbolic sizes instead of calling int() on them, which would
+    # add a guard that specialises the graph to this call's length.
+    with _maybe(fake_mode), enable_python_dispatcher():
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
@@ -440,6 +467,13 @@ _ENCODER_LAYER_TENSORS = ("src", "qkv_weight", "qkv_bias", "proj_weight", "proj_
 _ENCODER_LAYER_TARGETS = (torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default)
 
 
+def _same_shape(shape: tuple, expected: tuple) -> bool:
+    """Shapes known equal without adding a guard (sizes may be symbolic)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(shape) == len(expected) and all(statically_known_true(a == b) for a, b in zip(shape, expected))
+
+
 def _expand_encoder_layer(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
     """Replace one fused encoder-layer call with its ops; the config of its self-attention."""
     if len(node.args) > len(_ENCODER_LAYER_PARAMS):
@@ -456,14 +490,12 @@ def _expand_encoder_layer(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
     values = {key: _fake(n) for key, n in tensors.items() if n is not None}
     if len(values) != sum(n is not None for n in tensors.values()) or values["src"].dim() != 3:
         return "a tensor argument has no example value, or src is not [B, L, E]"
-    if any(not all(isinstance(d, int) for d in v.shape) for v in values.values()):
-        return "dynamic shapes"
     bsz, length, embed_dim = values["src"].shape
     heads, mask_type, mask = params["num_heads"], params["mask_type"], values.get("mask")
-    if embed_dim != params["embed_dim"] or embed_dim % heads:
+    if not isinstance(embed_dim, int) or embed_dim != params["embed_dim"] or embed_dim % heads:
         return "embed_dim does not match num_heads"
     expected = {0: (length, length), 1: (bsz, length), 2: (bsz, heads, length, length)}
-    if mask is not None and (mask_type is None or tuple(mask.shape) != expected[mask_type]):
+    if mask is not None and (mask_type is None or not _same_shape(mask.shape, expected[mask_type])):
         return "a mask whose shape does not match its mask_type"
     modes = {id(v.fake_mode): v.fake_mode for v in values.values() if hasattr(v, "fake_mode")}
     if len(modes) > 1:
@@ -492,6 +524,11 @@ def _expand_encoder_layer(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
             result = emit()
         _annotate([n for n in graph.nodes if n not in before], node, stack, fake_mode, linear_stacks)
         return result
+
+    # Symbolic sizes are read from src [B, L, E] in the graph (see _sizes_from_graph).
+    bsz, length = emitted(attn_stack, lambda: [
+        d if isinstance(d, int) else t["src"].size(i) for i, d in enumerate((bsz, length))])
+    config = replace(config, bsz=bsz, tgt_len=length, src_len=length)
 
     def attention() -> Any:
         x = t["src"]
