@@ -146,7 +146,9 @@ class AttentionController:
             site.skipped_probes = 0
         frame = (int(header[_H_LQ]), int(header[_H_LK]))
         current = self._reduce_map(site, frame)  # a collective: every rank, whatever its count
-        site.probe_accum.zero_()
+        # A fresh window: `current` may be the old sums divided in place (_reduce_map), and a
+        # new zero buffer (calloc'd pages) costs less than writing zeros over the old one.
+        site.probe_accum = torch.zeros_like(site.probe_accum)
         site.probe_count.zero_()
         site.probed_batches = 0
         site.sync_from_buffers()
@@ -243,7 +245,8 @@ class AttentionController:
         if not bool((count > 0).any()):
             return None
         if bool((count == count[0]).all()):  # every batch covered the whole frame
-            return accum / count[0].to(accum.dtype)
+            # in place: at L=4096 a copy is 64 MB per site; the caller replaces the buffer
+            return accum.div_(count[0].to(accum.dtype))
         # position (i, j) was covered by count[max(i, j)] batches
         rows = torch.arange(lq, device=count.device)[:, None]
         cols = torch.arange(lk, device=count.device)[None, :]
