@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m spion_fx.demo $(ARGS)
 
+# One pytest-xdist worker per core: most of a test's time is Dynamo/inductor compiling in one
+# Python thread (20 min -> 12 min on 2 cores); tests/conftest.py splits torch's threads among them.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_cpu.py

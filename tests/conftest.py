@@ -14,6 +14,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Under pytest-xdist (`make test` runs one worker per core) the workers share the cores: each
+# takes its share of intra-op threads instead of all of them (most of a test's time is Dynamo
+# and inductor compiling, in one Python thread, which is what the extra workers overlap).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

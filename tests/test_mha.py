@@ -160,12 +160,12 @@ def test_training_dropout_is_recorded():
     assert site.dropout_p == 0.25 and not site.dropout_train_only
 
 
-def test_dynamic_shapes_stay_opaque_with_a_reason():
+def test_a_symbolic_dropout_stays_opaque_with_a_reason():
     module = Attn(True, {"need_weights": False}).double()
     graph = capture(module, _inputs(), dynamic=True).graphs[0]
     (expansion,) = expand_multi_head_attention(graph.graph_module)
-    # symbolic sizes (and Dynamo makes dropout_p a symbolic float too): left as it is, with the reason
-    assert not expansion.expanded and "kept opaque" in expansion.dense_reason
+    # dynamic=True makes dropout_p a symbolic float (symbolic sizes alone expand: see below)
+    assert not expansion.expanded and "dropout_p is not a constant" in expansion.dense_reason
     assert any(n.target is F.multi_head_attention_forward for n in graph.graph_module.graph.nodes)
     assert detect_sites(graph)[0] == []
 
@@ -438,7 +438,7 @@ def test_bare_backend_finds_the_fused_layer_and_names_what_stays_opaque():
     with torch.no_grad():
         torch.compile(layer, backend="spion", options=options)(x)  # fused eval path, expanded
     assert [s.spec.name for s in state.attention_sites()] == ["self_attn"]
-    # dynamic shapes keep nn.MultiheadAttention opaque: the warning names it and why
+    # dynamic=True (a symbolic dropout_p) keeps nn.MultiheadAttention opaque: the warning names it and why
     torch._dynamo.reset()
     module = Attn(True, {"need_weights": False}).double()
     with warnings.catch_warnings(record=True) as caught:
