@@ -220,11 +220,14 @@ def test_a_recompile_that_keeps_attention_dense_is_reported():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(x, False)
+        model.eval()
+        model(x, False)  # a recompile (train -> eval) that keeps its site: nothing to say
+        assert len(model.spion_state.graph_records) == 2
         assert not [w for w in caught if "keeps attention dense" in str(w.message)]
         model(x, True)
         model(x, True)
     (message,) = [str(w.message) for w in caught if "keeps attention dense" in str(w.message)]
-    assert "need_weights=True" in message and "graph 1" in message
+    assert "need_weights=True" in message and "graph 2" in message
     rows = [r for r in spion_fx.report(model, print_table=False) if r["phase"] == "recompiled dense"]
     assert len(rows) == 1 and "need_weights=True" in rows[0]["note"]
 

@@ -126,13 +126,17 @@ class SpionCompiler:
         )
 
     def _warn_if_attention_lost(self, record: GraphRecord) -> None:
-        """A recompiled graph (a new length, a new shape) whose attention stays dense while the
-        graphs before it had sites: the model would silently compute densely whenever Dynamo
-        picks this graph, so say so (once per reason) and record it for report()."""
-        if not any(r.attention_sites for r in self.records):
-            return  # nothing was sparse before: warn_if_no_attention speaks for that case
-        lost = [*record.unmatched_attention,
-                *(f"{d.site}: {d}" for d in record.decisions if d.kind == "attention" and d.dense)]
+        """A recompiled graph (a new length, a new flag) that keeps attention dense where earlier
+        graphs had a site that could be sparse: the model would silently compute densely whenever
+        Dynamo picks this graph, so say so (once per reason) and record it for report().
+        Attention dense by the policy, or attention-like ops no graph ever matched, are not news."""
+        sparse_before = {d.site for r in self.records for d in r.decisions if d.kind == "attention" and not d.dense}
+        if not sparse_before:
+            return  # nothing could be sparse before: warn_if_no_attention speaks for that case
+        unmatched_before = {op for r in self.records for op in r.unmatched_attention}
+        lost = [*(op for op in record.unmatched_attention if op not in unmatched_before),
+                *(f"{d.site}: {d}" for d in record.decisions
+                  if d.kind == "attention" and d.dense and d.site in sparse_before)]
         new = sorted(set(lost) - self._lost_reported)
         if not new:
             return
