@@ -418,11 +418,13 @@ def test_fused_encoder_layer_masks_are_boolean_whatever_their_dtype():
 
 
 class Fused(nn.Module):
-    """Calls the fused op directly with a float mask of type 2 (what merge_masks hands it)."""
+    """Calls the fused op directly, by default with a float mask of type 2 (what merge_masks
+    hands it)."""
 
-    def __init__(self, layer: nn.TransformerEncoderLayer):
+    def __init__(self, layer: nn.TransformerEncoderLayer, mask_type: int | None = 2):
         super().__init__()
         self.layer = layer
+        self.mask_type = mask_type
 
     def forward(self, x, mask):
         layer, attn = self.layer, self.layer.self_attn
@@ -430,7 +432,7 @@ class Fused(nn.Module):
             x, E, HEADS, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
             False, layer.norm_first, layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
             layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
-            mask, 2)
+            mask, self.mask_type)
 
 
 def test_bare_backend_finds_the_fused_layer_and_names_what_stays_opaque():
@@ -451,6 +453,24 @@ def test_bare_backend_finds_the_fused_layer_and_names_what_stays_opaque():
     (message,) = [str(w.message) for w in caught if "no attention site" in str(w.message)]
     assert "F.multi_head_attention_forward" in message and "kept opaque" in message
 
+
+
+@pytest.mark.parametrize("mask_type", [None, 1, 2])
+def test_fused_encoder_layer_at_every_length(mask_type):
+    """The fused eval op, symbolic after a second length, expands once and keeps its site."""
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).double().eval()
+    module = Fused(layer, mask_type)
+    state = SparsityState(Policy.coerce("spion-cf"))
+    compiled = torch.compile(module, backend="spion", options={"inner": "eager", "state": state})
+    g = torch.Generator().manual_seed(2)
+    for length in (8, 11, 13):
+        x = torch.randn(B, length, E, generator=g, dtype=torch.float64)
+        mask = {None: None, 1: torch.zeros(B, length, dtype=torch.bool).index_fill(1, torch.tensor([length - 1]), True),
+                2: torch.randn(B, HEADS, length, length, generator=g, dtype=torch.float64) > 1}[mask_type]
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, mask), module(x, mask), rtol=1e-10, atol=1e-10)
+    records = state.compiler.records
+    assert len(records) == 2 and all(len(r.attention_sites) == 1 for r in records)
 
 
 class EinsumAttention(nn.Module):

@@ -467,11 +467,16 @@ _ENCODER_LAYER_TENSORS = ("src", "qkv_weight", "qkv_bias", "proj_weight", "proj_
 _ENCODER_LAYER_TARGETS = (torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default)
 
 
-def _same_shape(shape: tuple, expected: tuple) -> bool:
-    """Shapes known equal without adding a guard (sizes may be symbolic)."""
+def _may_be_shape(shape: tuple, expected: tuple) -> bool:
+    """False when the shapes are known to differ; decided without adding a guard.
+
+    Symbolic sizes of different inputs (a mask's length, src's length) are separate symbols to
+    Dynamo until an op relates them. The expansion's views and broadcasts relate them (a guard
+    that they are equal, as the fused op itself requires), so a possible match is enough here.
+    """
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    return len(shape) == len(expected) and all(statically_known_true(a == b) for a, b in zip(shape, expected))
+    return len(shape) == len(expected) and not any(statically_known_true(a != b) for a, b in zip(shape, expected))
 
 
 def _expand_encoder_layer(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
@@ -495,7 +500,7 @@ def _expand_encoder_layer(gm: fx.GraphModule, node: fx.Node) -> MHAConfig | str:
     if not isinstance(embed_dim, int) or embed_dim != params["embed_dim"] or embed_dim % heads:
         return "embed_dim does not match num_heads"
     expected = {0: (length, length), 1: (bsz, length), 2: (bsz, heads, length, length)}
-    if mask is not None and (mask_type is None or not _same_shape(mask.shape, expected[mask_type])):
+    if mask is not None and (mask_type is None or not _may_be_shape(mask.shape, expected[mask_type])):
         return "a mask whose shape does not match its mask_type"
     modes = {id(v.fake_mode): v.fake_mode for v in values.values() if hasattr(v, "fake_mode")}
     if len(modes) > 1:
