@@ -12,10 +12,10 @@ fast; the compiled (inductor) path across lengths is covered in test_partition.p
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch

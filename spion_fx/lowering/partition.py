@@ -83,7 +83,7 @@ def is_symbolic(value: Any) -> bool:
     if isinstance(value, torch.SymInt):
         return value.node.maybe_as_int() is None
     if isinstance(value, torch.Tensor):
-        return any(isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None for size in value.shape)
+        return any(is_symbolic(size) for size in value.shape)
     return False
 
 

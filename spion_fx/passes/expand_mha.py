@@ -48,6 +48,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch._dispatch.python import enable_python_dispatcher
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from spion_fx.capture import owning_module
 from spion_fx.passes.dead_code import eliminate_dead_code
@@ -474,8 +475,6 @@ def _may_be_shape(shape: tuple, expected: tuple) -> bool:
     Dynamo until an op relates them. The expansion's views and broadcasts relate them (a guard
     that they are equal, as the fused op itself requires), so a possible match is enough here.
     """
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     return len(shape) == len(expected) and not any(statically_known_true(a != b) for a, b in zip(shape, expected))
 
 

@@ -100,9 +100,10 @@ def _split_indicators(block_size: int, ks: list[int], like: Tensor) -> Tensor:
     return torch.cat([j < k, j >= k], 1).to(like.dtype)
 
 
-# Elements of one chunk's [H, rows, B, Q, 2K] temporary: ~4 MB of float32 stays in cache, where
-# the whole map's temporaries (65 MB each at L=4096, B=64) went to memory: 3-4x faster, same sums.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements of one chunk's [H, rows, B, Q, 2K] temporary on CPU: ~4 MB of float32 stays in cache,
+# where the whole map's temporaries (65 MB each at L=4096, B=64) went to memory: 3-4x faster,
+# same sums. A GPU takes the whole map in one pass (chunks would only add kernel launches).
+_CPU_CHUNK_ELEMENTS = 1 << 20
 
 
 def _quadrant_sums(tiles: Tensor, ks: list[int]) -> dict[str, Tensor]:
@@ -121,7 +122,7 @@ def _quadrant_sums(tiles: Tensor, ks: list[int]) -> dict[str, Tensor]:
     upper, lower = (x.repeat(1, 2)[None, None, :, None, :] for x in (w[:, :n], w[:, n:]))
     above = torch.empty(h, nb, nb, 2 * n, dtype=torch.float64, device=tiles.device)  # rows < k
     below = torch.empty_like(above)  # rows >= k
-    rows = max(1, _CHUNK_ELEMENTS // (h * b * nb * 2 * n))
+    rows = max(1, _CPU_CHUNK_ELEMENTS // (h * b * nb * 2 * n)) if tiles.device.type == "cpu" else nb
     for start in range(0, nb, rows):
         chunk = tiles[:, start:start + rows]
         # Stage 1 (columns) is one GEMM over the chunk's tile rows, in the input precision.
